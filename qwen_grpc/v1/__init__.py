@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for qwen.chat.v1; regenerate with `make proto`."""
