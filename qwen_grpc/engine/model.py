@@ -1,0 +1,146 @@
+"""Loading a causal LM for CPU inference and running batched forward passes on it.
+
+Only the engine thread calls :class:`LoadedModel`'s forward methods; loading happens before
+that thread starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from qwen_grpc.engine.kv_cache import BatchKVCache
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 halves memory traffic, but only pays off where the CPU computes it natively."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` becomes the fastest precision this CPU runs without loss of answers."""
+    if name != "auto":
+        return name
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer ready for batched generation."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    generation_config: GenerationConfig
+    dtype: str
+    context_length: int
+    vocab_size: int
+    stop_token_ids: frozenset[int]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchKVCache, torch.Tensor]:
+        """Runs prompts left-padded in one pass.
+
+        Returns the last position's logits (float32, ``[batch, vocab]``), the filled cache and
+        the attention mask (``[batch, width]``) that the decode steps extend.
+        """
+        width = max(len(p) for p in prompts)
+        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = BatchKVCache(self.num_layers)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float(), cache, mask
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: torch.Tensor, cache: BatchKVCache, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One decode step for every row; ``mask`` already includes the new column."""
+        out = self.model(
+            input_ids=tokens.unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=positions.unsqueeze(-1),
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].float()
+
+
+def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> frozenset[int]:
+    """End-of-turn ids from the generation config and the tokenizer; chat models often have two."""
+    ids: set[int] = set()
+    eos = config.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return frozenset(ids)
+
+
+def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
+    """Loads weights with low peak memory in the requested precision."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    resolved = resolve_dtype(dtype)
+    torch_dtype = torch.bfloat16 if resolved == "bfloat16" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
+    model.eval()
+    if resolved == "int8":
+        from qwen_grpc.engine.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation_config = GenerationConfig()
+    context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+    _LOGGER.info(
+        "loaded %s as %s in %.1f s (context %d, %d threads)",
+        path,
+        resolved,
+        time.perf_counter() - started,
+        context_length,
+        torch.get_num_threads(),
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        generation_config=generation_config,
+        dtype=resolved,
+        context_length=context_length,
+        vocab_size=int(model.config.vocab_size),
+        stop_token_ids=_stop_token_ids(tokenizer, generation_config),
+    )

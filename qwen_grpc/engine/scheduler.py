@@ -1,0 +1,362 @@
+"""The one thread that owns the model: admission, prefill, batched decode, stop and cancel.
+
+Requests join the running batch at step boundaries (continuous batching): their prompts are
+prefilled together, then they decode in the same forward pass as everyone else until they
+finish, are cancelled or pass their deadline, and leave the batch that very step.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen_grpc.engine.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    EngineError,
+    GenerationFailedError,
+    OverloadedError,
+    UnavailableError,
+)
+from qwen_grpc.engine.kv_cache import BatchKVCache
+from qwen_grpc.engine.model import LoadedModel
+from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.sampling import TokenSampler
+from qwen_grpc.engine.text import IncrementalDetokenizer, StopSequenceMatcher
+from qwen_grpc.engine.types import (
+    Completed,
+    Event,
+    FinishReason,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
+
+_LOGGER = logging.getLogger(__name__)
+_RETRY_AFTER_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """How much work the engine takes on at once."""
+
+    max_batch_size: int = 8
+    max_queue: int = 64
+    kv_cache_tokens: int = 16384
+
+
+class RequestHandle:
+    """The caller's side of one generation: an event stream and a way to stop it."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._events: queue.SimpleQueue[Event | EngineError] = queue.SimpleQueue()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Asks the engine to drop the sequence at its next step boundary."""
+        self.cancelled = True
+
+    def put(self, item: Event | EngineError) -> None:
+        self._events.put(item)
+
+    def __iter__(self) -> Iterator[Event]:
+        """Yields deltas then one :class:`Completed`; raises the engine's error instead."""
+        while True:
+            item = self._events.get()
+            if isinstance(item, EngineError):
+                raise item
+            yield item
+            if isinstance(item, Completed):
+                return
+
+
+@dataclass
+class _Sequence:
+    """Engine-thread state of one request."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    sampler: TokenSampler
+    detokenizer: IncrementalDetokenizer
+    stops: StopSequenceMatcher
+    max_new_tokens: int
+    length_reason: FinishReason
+    generated: int = 0
+    last_token: int = 0
+    finished: bool = field(default=False)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.request.prompt_ids) + self.max_new_tokens
+
+    def dropped_reason(self, now: float) -> EngineError | None:
+        if self.handle.cancelled:
+            return CancelledError("the client cancelled the call")
+        if self.request.deadline is not None and now >= self.request.deadline:
+            return DeadlineExceededError("the deadline passed during generation")
+        return None
+
+
+class Engine:
+    """Owns the model thread; every other thread talks to it through :meth:`submit`."""
+
+    def __init__(
+        self, model: LoadedModel, limits: SchedulerLimits, tokenizer: SharedTokenizer
+    ) -> None:
+        self.model = model
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Sequence] = collections.deque()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Sequence] = []
+        self._cache: BatchKVCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._positions = torch.zeros(0, dtype=torch.long)
+        self.last_progress = time.monotonic()
+
+    # -- caller side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="qwen-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def active_sequences(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._pending)
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queues a request; raises at once if the engine cannot take it."""
+        handle = RequestHandle(request.request_id)
+        context_room = self.model.context_length - len(request.prompt_ids)
+        max_new = min(request.params.max_new_tokens, context_room)
+        sequence = _Sequence(
+            request=request,
+            handle=handle,
+            sampler=TokenSampler(request.params, request.prompt_ids, self.model.vocab_size),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stops=StopSequenceMatcher(request.params.stop),
+            max_new_tokens=max_new,
+            length_reason=(
+                FinishReason.LENGTH
+                if max_new == request.params.max_new_tokens
+                else FinishReason.CONTEXT_LENGTH
+            ),
+        )
+        if sequence.reserved_tokens > self.limits.kv_cache_tokens:
+            raise OverloadedError(
+                f"the request needs {sequence.reserved_tokens} KV-cache tokens and the budget "
+                f"is {self.limits.kv_cache_tokens}; shorten the prompt or max_new_tokens",
+                _RETRY_AFTER_SECONDS,
+            )
+        with self._cond:
+            if not self._accepting or not self.alive:
+                raise UnavailableError("the engine is not accepting requests")
+            if len(self._pending) >= self.limits.max_queue:
+                raise OverloadedError(
+                    f"the queue is full ({self.limits.max_queue} waiting)", _RETRY_AFTER_SECONDS
+                )
+            self._pending.append(sequence)
+            self._cond.notify()
+        return handle
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops the thread; whatever is still queued or running fails as UNAVAILABLE."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                joiners = self._wait_for_work()
+                if joiners is None:
+                    break
+                self.last_progress = time.monotonic()
+                if joiners:
+                    self._guarded(joiners, functools.partial(self._prefill, joiners))
+                if self._rows:
+                    self._guarded(list(self._rows), self._decode_step)
+        except BaseException:
+            _LOGGER.exception("the engine thread died")
+            raise
+        finally:
+            self._fail_everything(UnavailableError("the engine stopped"))
+
+    def _wait_for_work(self) -> list[_Sequence] | None:
+        """Blocks until there is something to do; ``None`` means stop."""
+        with self._cond:
+            while not self._stopping and not self._pending and not self._rows:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            self._drop_rows_that_left(time.monotonic())
+            return self._admit()
+
+    def _admit(self) -> list[_Sequence]:
+        """Takes queued requests, oldest first, while batch slots and the KV budget allow."""
+        reserved = sum(seq.reserved_tokens for seq in self._rows)
+        admitted: list[_Sequence] = []
+        now = time.monotonic()
+        while self._pending and len(self._rows) + len(admitted) < self.limits.max_batch_size:
+            candidate = self._pending[0]
+            reason = candidate.dropped_reason(now)
+            if reason is not None:
+                self._pending.popleft()
+                candidate.handle.put(reason)
+                continue
+            if reserved + candidate.reserved_tokens > self.limits.kv_cache_tokens:
+                break
+            self._pending.popleft()
+            reserved += candidate.reserved_tokens
+            admitted.append(candidate)
+        return admitted
+
+    def _guarded(self, affected: list[_Sequence], step: Callable[[], None]) -> None:
+        """Runs a step; a failure fails only the sequences in it and resets the batch."""
+        try:
+            step()
+        except Exception:
+            _LOGGER.exception(
+                "generation failed for requests %s",
+                ", ".join(seq.request.request_id for seq in affected),
+            )
+            for seq in affected:
+                seq.handle.put(
+                    GenerationFailedError(
+                        f"generation failed (request id {seq.request.request_id})"
+                    )
+                )
+            self._reset_batch()
+
+    def _prefill(self, joiners: list[_Sequence]) -> None:
+        logits, cache, mask = self.model.prefill([list(seq.request.prompt_ids) for seq in joiners])
+        for row, seq in enumerate(joiners):
+            self._accept_token(seq, logits[row])
+        survivors = [row for row, seq in enumerate(joiners) if not seq.finished]
+        if not survivors:
+            return
+        kept = [joiners[row] for row in survivors]
+        if len(survivors) < len(joiners):
+            drop_left = _shared_left_padding(mask[survivors])
+            cache.select_rows(survivors, drop_left)
+            mask = mask[survivors, drop_left:]
+        positions = torch.tensor([len(seq.request.prompt_ids) for seq in kept], dtype=torch.long)
+        if self._cache is None:
+            self._cache, self._mask, self._positions = cache, mask, positions
+        else:
+            self._cache.append_rows(cache)
+            width = max(self._mask.shape[1], mask.shape[1])
+            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+            self._positions = torch.cat([self._positions, positions])
+        self._rows.extend(kept)
+
+    def _decode_step(self) -> None:
+        assert self._cache is not None
+        tokens = torch.tensor([seq.last_token for seq in self._rows], dtype=torch.long)
+        self._mask = torch.cat(
+            [self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1
+        )
+        logits = self.model.decode(tokens, self._cache, self._mask, self._positions)
+        self._positions += 1
+        for row, seq in enumerate(self._rows):
+            self._accept_token(seq, logits[row])
+        self.last_progress = time.monotonic()
+        self._drop_rows_that_left(time.monotonic())
+
+    def _accept_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Samples, emits text, and decides whether the sequence is done."""
+        token = seq.sampler.sample(logits)
+        seq.generated += 1
+        seq.last_token = token
+        if token in self.model.stop_token_ids:
+            self._finish(seq, FinishReason.STOP)
+            return
+        text, stopped = seq.stops.feed(seq.detokenizer.push(token))
+        if text:
+            seq.handle.put(TextDelta(text))
+        if stopped:
+            self._finish(seq, FinishReason.STOP_SEQUENCE, flush=False)
+        elif seq.generated >= seq.max_new_tokens:
+            self._finish(seq, seq.length_reason)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, flush: bool = True) -> None:
+        if flush:
+            text, _ = seq.stops.feed(seq.detokenizer.flush())
+            text += seq.stops.flush()
+            if text:
+                seq.handle.put(TextDelta(text))
+        seq.finished = True
+        usage = Usage(prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.generated)
+        seq.handle.put(Completed(reason, usage))
+
+    def _drop_rows_that_left(self, now: float) -> None:
+        """Removes finished, cancelled and expired rows from the batch and its cache."""
+        keep: list[int] = []
+        for row, seq in enumerate(self._rows):
+            reason = None if seq.finished else seq.dropped_reason(now)
+            if reason is not None:
+                seq.handle.put(reason)
+            elif not seq.finished:
+                keep.append(row)
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset_batch()
+            return
+        assert self._cache is not None
+        drop_left = _shared_left_padding(self._mask[keep])
+        self._cache.select_rows(keep, drop_left)
+        self._mask = self._mask[keep, drop_left:]
+        self._positions = self._positions[keep]
+        self._rows = [self._rows[row] for row in keep]
+
+    def _reset_batch(self) -> None:
+        self._rows = []
+        self._cache = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._positions = torch.zeros(0, dtype=torch.long)
+
+    def _fail_everything(self, error: EngineError) -> None:
+        with self._cond:
+            self._accepting = False
+            waiting = list(self._pending) + self._rows
+            self._pending.clear()
+        for seq in waiting:
+            if not seq.finished:
+                seq.handle.put(error)
+        self._reset_batch()
+
+
+def _shared_left_padding(mask: torch.Tensor) -> int:
+    """Leading columns that are padding in every row (rows are right-aligned)."""
+    return int(mask.shape[1] - mask.sum(dim=1).max())
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))

@@ -1,0 +1,1 @@
+"""Server interceptors: auth, logging, rate limiting and deadlines, one job each."""

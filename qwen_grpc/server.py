@@ -1,0 +1,167 @@
+"""Wiring and lifecycle: build the gRPC server, load the model, serve, drain, stop.
+
+The order is explicit (as in vLLM's gRPC entry point): start listening with health
+NOT_SERVING, load and warm up the model, mark SERVING, wait for a signal, mark NOT_SERVING,
+stop accepting calls and let in-flight ones finish within the grace period, release the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qwen_grpc.config import Settings
+from qwen_grpc.engine.model import load_model
+from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
+from qwen_grpc.engine.sources import resolve_model
+from qwen_grpc.engine.types import ChatMessage, GenerationRequest, Role, SamplingParams
+from qwen_grpc.service import ChatServicer, ModelRuntime
+from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
+from qwen_grpc.validation import RequestLimits, default_sampling
+
+_LOGGER = logging.getLogger(__name__)
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+class QwenServer:
+    """One process serving one model; tests build it on port 0 and drive it for real."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.servicer = ChatServicer()
+        self.engine: Engine | None = None
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.max_workers, thread_name_prefix="grpc-handler"
+            ),
+            options=[
+                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            )
+        self.port = self._grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def _set_health(self, state: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in HEALTH_SERVICES:
+            self.health.set(service, state)
+
+    def start(self) -> None:
+        """Starts answering: health says NOT_SERVING and chat calls UNAVAILABLE until loaded."""
+        self._grpc.start()
+        _LOGGER.info("listening on %s (NOT_SERVING until the model is warm)", self.address)
+
+    def load(self) -> None:
+        """Resolves, loads and warms up the model, then reports SERVING."""
+        settings = self.settings
+        files = resolve_model(settings.model, settings.revision, settings.cache_dir)
+        model = load_model(files.path, settings.dtype, settings.threads)
+        tokenizer = SharedTokenizer(model.tokenizer)
+        engine = Engine(
+            model,
+            SchedulerLimits(
+                max_batch_size=settings.max_batch_size,
+                max_queue=settings.max_queue,
+                kv_cache_tokens=settings.kv_cache_tokens,
+            ),
+            tokenizer,
+        )
+        engine.start()
+        self.engine = engine
+        max_new_tokens = min(settings.max_new_tokens_cap, model.context_length - 1)
+        limits = RequestLimits(
+            max_messages=settings.max_messages,
+            max_stop_sequences=settings.max_stop_sequences,
+            max_new_tokens=max_new_tokens,
+            default_max_new_tokens=min(settings.default_max_new_tokens, max_new_tokens),
+            max_prompt_tokens=min(model.context_length, settings.kv_cache_tokens) - 1,
+            vocab_size=model.vocab_size,
+        )
+        defaults = default_sampling(model.generation_config, limits)
+        if settings.warmup:
+            _warm_up(engine, defaults.max_new_tokens)
+        self.servicer.attach(
+            ModelRuntime(
+                engine=engine,
+                limits=limits,
+                defaults=defaults,
+                model_id=files.model_id,
+                revision=files.revision,
+            )
+        )
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        _LOGGER.info("SERVING %s (%s) on %s", files.model_id, model.dtype, self.address)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drains: NOT_SERVING, refuse new calls, let in-flight calls finish, free the model."""
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds if grace is None else grace
+        _LOGGER.info("draining for up to %.0f s", grace)
+        self._grpc.stop(grace).wait()
+        if self.engine is not None:
+            self.engine.stop()
+        _LOGGER.info("stopped")
+
+
+def _warm_up(engine: Engine, max_new_tokens: int) -> None:
+    """One real generation, so the first caller does not pay for lazy initialization."""
+    prompt = engine.tokenizer.encode_chat([ChatMessage(Role.USER, "Hello")])
+    handle = engine.submit(
+        GenerationRequest(
+            request_id="warm-up",
+            prompt_ids=tuple(prompt),
+            params=SamplingParams(max_new_tokens=min(4, max_new_tokens), greedy=True),
+        )
+    )
+    for _ in handle:
+        pass
+
+
+def serve(settings: Settings) -> int:
+    """Runs until SIGTERM or SIGINT, then drains; returns the process exit code."""
+    server = QwenServer(settings)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        _LOGGER.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+
+    def load() -> None:
+        try:
+            server.load()
+        except BaseException as exc:
+            failure.append(exc)
+            stop.set()
+
+    threading.Thread(target=load, name="model-loader", daemon=True).start()
+    stop.wait()
+    server.stop()
+    if failure:
+        _LOGGER.error("could not start: %s", failure[0])
+        return 1
+    return 0
