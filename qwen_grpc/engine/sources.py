@@ -140,7 +140,7 @@ def resolve_model(model: str, revision: str | None, cache_dir: Path) -> ModelFil
     if _looks_like_path(model):
         what = "is not a directory" if local.exists() else "does not exist"
         raise ModelSourceError(
-            f"Local model directory {local} {what}. --model takes `demo`, a Hugging Face-layout "
+            f"Local model directory {model!r} {what}. --model takes `demo`, a Hugging Face-layout "
             f"folder (config.json, *.safetensors, tokenizer files), or a ModelScope id "
             f"such as `{DEFAULT_MODELSCOPE_MODEL}`."
         )

@@ -1,0 +1,201 @@
+"""The engine on its own: batching, detokenization and stop sequences, on the tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_grpc.engine.model import LoadedModel, load_model
+from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.scheduler import Engine, RequestHandle, SchedulerLimits
+from qwen_grpc.engine.text import IncrementalDetokenizer, StopSequenceMatcher
+from qwen_grpc.engine.types import (
+    ChatMessage,
+    Completed,
+    GenerationRequest,
+    Role,
+    SamplingParams,
+    TextDelta,
+)
+
+PROMPTS = [
+    "Hi",
+    "请用中文介绍一下北京的历史和文化。越详细越好。",
+    "Write a haiku about the sea 🌊",
+    "What is 2 + 2? Explain step by step, in at least three sentences, please.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(tiny_model_dir, "float32", threads=0)
+
+
+@pytest.fixture
+def engine(tiny_model: LoadedModel) -> Iterator[Engine]:
+    running = Engine(
+        tiny_model, SchedulerLimits(max_batch_size=8), SharedTokenizer(tiny_model.tokenizer)
+    )
+    running.start()
+    yield running
+    running.stop()
+
+
+def encode(engine: Engine, text: str) -> tuple[int, ...]:
+    return tuple(engine.tokenizer.encode_chat([ChatMessage(Role.USER, text)]))
+
+
+def reference_generate(model: LoadedModel, prompt: tuple[int, ...], max_new_tokens: int) -> str:
+    """transformers' own greedy generate for one request alone."""
+    with torch.inference_mode():
+        output = model.model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(model.stop_token_ids),
+            pad_token_id=sorted(model.stop_token_ids)[0],
+        )
+    new = [t for t in output[0, len(prompt) :].tolist() if t not in model.stop_token_ids]
+    return str(model.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def wait_until_idle(engine: Engine, within: float = 1.0) -> bool:
+    deadline = time.monotonic() + within
+    while engine.active_sequences and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return engine.active_sequences == 0
+
+
+def collect(handle: RequestHandle) -> tuple[str, Completed]:
+    parts: list[str] = []
+    for event in handle:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
+    raise AssertionError("stream ended without Completed")
+
+
+def test_batched_greedy_matches_generate_alone_whatever_joins_when(
+    engine: Engine, tiny_model: LoadedModel
+) -> None:
+    lengths = [40, 25, 60, 33]
+    expected = [
+        reference_generate(tiny_model, encode(engine, p), n)
+        for p, n in zip(PROMPTS, lengths, strict=True)
+    ]
+    handles = []
+    for index, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        params = SamplingParams(max_new_tokens=length, greedy=True)
+        handles.append(
+            engine.submit(GenerationRequest(f"r{index}", encode(engine, prompt), params))
+        )
+        time.sleep(0.02 * index)
+    texts = [collect(h)[0] for h in handles]
+    assert texts == expected
+    assert wait_until_idle(engine)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=50, seed=1234)
+    prompt = encode(engine, PROMPTS[2])
+    alone = collect(engine.submit(GenerationRequest("alone", prompt, params)))[0]
+    noise = [
+        engine.submit(
+            GenerationRequest(
+                f"n{i}", encode(engine, p), SamplingParams(max_new_tokens=30, temperature=1.0)
+            )
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+    together = collect(engine.submit(GenerationRequest("together", prompt, params)))[0]
+    for handle in noise:
+        collect(handle)
+    assert together == alone
+
+
+def test_cancelled_sequences_leave_the_batch_within_a_step(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=400, greedy=True)
+    handles = [
+        engine.submit(GenerationRequest(f"c{i}", encode(engine, PROMPTS[i % 4]), params))
+        for i in range(6)
+    ]
+    for handle in handles:
+        next(iter(handle))
+    for handle in handles:
+        handle.cancel()
+    assert wait_until_idle(engine, within=1.0)
+    _, done = collect(
+        engine.submit(
+            GenerationRequest(
+                "after", encode(engine, "Hi"), SamplingParams(max_new_tokens=4, greedy=True)
+            )
+        )
+    )
+    assert done.usage.completion_tokens >= 1
+
+
+def test_detokenizer_emits_whole_characters_only(tiny_model: LoadedModel) -> None:
+    tokenizer = SharedTokenizer(tiny_model.tokenizer)
+    text = "北京是中国的首都🎉🐍 and naïve café — 👩‍💻 done."
+    ids = tiny_model.tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert len(ids) > len([d for d in deltas if d]), "some characters span several tokens"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "emitted", "stopped"),
+    [
+        (["Hello wor", "ld, bye"], ("world",), "Hello ", True),
+        (["ab", "c", "d"], ("cx",), "abcd", False),
+        (["x<", "|", "end|>"], ("<|end|>",), "x", True),
+        (["no stops here"], (), "no stops here", False),
+    ],
+)
+def test_stop_matcher_never_emits_part_of_a_stop_sequence(
+    pieces: list[str], stops: tuple[str, ...], emitted: str, stopped: bool
+) -> None:
+    matcher = StopSequenceMatcher(stops)
+    out: list[str] = []
+    hit = False
+    for piece in pieces:
+        text, hit = matcher.feed(piece)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(matcher.flush())
+    assert "".join(out) == emitted
+    assert hit is stopped
+
+
+def test_engine_thread_is_the_only_thread_running_the_model(
+    engine: Engine, tiny_model: LoadedModel
+) -> None:
+    callers: set[str] = set()
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda *_: callers.add(threading.current_thread().name)
+    )
+    try:
+        handles = [
+            engine.submit(
+                GenerationRequest(
+                    f"t{i}", encode(engine, p), SamplingParams(max_new_tokens=5, greedy=True)
+                )
+            )
+            for i, p in enumerate(PROMPTS)
+        ]
+        for handle in handles:
+            collect(handle)
+    finally:
+        hook.remove()
+    assert callers == {"qwen-engine"}
