@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -247,7 +248,7 @@ def test_demo_conversion_produces_a_loadable_chat_model(demo_wheel: Path, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(files.path)
     model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
     assert tokenizer.chat_template
-    inputs = tokenizer.apply_chat_template(
+    inputs: Any = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
         return_dict=True,

@@ -416,7 +416,9 @@ def _resolve_modelscope(model_id: str, revision: str | None) -> ModelFiles:
     same way as connected ones). A cached snapshot that fails verification
     (an interrupted download) is completed by a normal download.
     """
-    from modelscope.hub.snapshot_download import snapshot_download
+    from modelscope.hub.snapshot_download import (  # type: ignore[import-untyped]
+        snapshot_download,
+    )
 
     hint = (
         "Re-run with hub access to resume the download, or delete the folder to "

