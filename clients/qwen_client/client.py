@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypedDict, Unpack
@@ -47,7 +47,9 @@ SERVICE_CONFIG: dict[str, object] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
-            "name": [{"service": service, "method": method} for service, method in _RETRIED_METHODS],
+            "name": [
+                {"service": service, "method": method} for service, method in _RETRIED_METHODS
+            ],
             "retryPolicy": {
                 "maxAttempts": 5,
                 "initialBackoff": "0.1s",
@@ -61,7 +63,7 @@ SERVICE_CONFIG: dict[str, object] = {
     "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
 
-_ROLES: dict[str, chat_pb2.Role.ValueType] = {
+_ROLES: dict[str, chat_pb2.Role] = {
     "system": chat_pb2.ROLE_SYSTEM,
     "user": chat_pb2.ROLE_USER,
     "assistant": chat_pb2.ROLE_ASSISTANT,
@@ -168,7 +170,7 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     code_of = getattr(error, "code", None)
     details_of = getattr(error, "details", None)
     code: grpc.StatusCode = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
-    message: str = (details_of() if callable(details_of) else None) or str(error)
+    message: str = (details_of() if callable(details_of) else None) or ""
     violations: list[FieldViolation] = []
     retry_delay: float | None = None
     reason: str | None = None
@@ -228,9 +230,9 @@ def to_messages(messages: Iterable[MessageLike]) -> list[chat_pb2.Message]:
     return [to_message(turn) for turn in messages]
 
 
-def _finish_reason_name(value: chat_pb2.FinishReason.ValueType) -> str:
+def _finish_reason_name(value: chat_pb2.FinishReason) -> str:
     try:
-        return chat_pb2.FinishReason.Name(value)
+        return str(chat_pb2.FinishReason.Name(value))
     except ValueError:  # a reason added to the contract after this client was built
         return f"FINISH_REASON_{value}"
 
@@ -353,13 +355,13 @@ class ChatClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         **options: Unpack[GenerationKwargs],
-    ) -> Iterator[StreamEvent]:
-        """Streams the reply as it is generated: :class:`TextDelta` events, then one
-        :class:`StreamFinal`.
+    ) -> Generator[StreamEvent, None, None]:
+        """Streams the reply as it is generated: text deltas, then one final event.
 
-        The call starts at the first ``next()``. Stopping early (``break``, closing the
-        generator, garbage collection) cancels the call, so the server stops generating within
-        one decode step instead of computing for nobody. ``timeout`` bounds the whole stream.
+        Yields :class:`TextDelta` events, then exactly one :class:`StreamFinal`. The call
+        starts at the first ``next()``. Stopping early (``break``, closing the generator,
+        garbage collection) cancels the call, so the server stops generating within one decode
+        step instead of computing for nobody. ``timeout`` bounds the whole stream.
 
         Raises:
             grpc.RpcError: while iterating, when the call fails (even after some deltas).
@@ -429,4 +431,4 @@ class ChatClient:
         response = self._health.Check(
             health_pb2.HealthCheckRequest(service=service), **self._call_kwargs(timeout, metadata)
         )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
