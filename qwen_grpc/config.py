@@ -75,6 +75,104 @@ class Settings:
         default=30.0, metadata={"help": "on SIGTERM, time in-flight calls get to finish"}
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    # -- hardening: limits, keepalive, interceptors, TLS (issue 4) --------------------------
+    max_prompt_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "longest prompt after the chat template, in tokens; 0 = the context window "
+            "(capped by kv_cache_tokens) minus default_max_new_tokens"
+        },
+    )
+    keepalive_time_seconds: float = field(
+        default=60.0,
+        metadata={"help": "ping a connection after this long without activity, to find dead peers"},
+    )
+    keepalive_timeout_seconds: float = field(
+        default=20.0, metadata={"help": "close a connection whose ping is unanswered this long"}
+    )
+    keepalive_min_ping_interval_seconds: float = field(
+        default=10.0,
+        metadata={
+            "help": "clients pinging more often than this (without data) get strikes, then "
+            "GOAWAY too_many_pings"
+        },
+    )
+    keepalive_max_ping_strikes: int = field(
+        default=2, metadata={"help": "too-frequent pings tolerated before GOAWAY (0 = unlimited)"}
+    )
+    keepalive_permit_without_calls: bool = field(
+        default=True, metadata={"help": "accept client keepalive pings on connections with no call"}
+    )
+    max_connection_age_seconds: float = field(
+        default=0.0,
+        metadata={
+            "help": "close connections after this long so clients re-resolve DNS and rebalance "
+            "(calls in flight get max_deadline_seconds to finish); 0 = never"
+        },
+    )
+    default_deadline_seconds: float = field(
+        default=120.0, metadata={"help": "deadline for chat calls that set none; 0 = none"}
+    )
+    max_deadline_seconds: float = field(
+        default=600.0,
+        metadata={"help": "longer deadlines of chat calls are cut to this; 0 = no maximum"},
+    )
+    min_deadline_seconds: float = field(
+        default=0.1,
+        metadata={
+            "help": "chat calls with less time left are refused with DEADLINE_EXCEEDED before "
+            "they queue"
+        },
+    )
+    rate_limit_per_second: float = field(
+        default=0.0,
+        metadata={
+            "help": "chat calls per second each client may sustain (token bucket; client = "
+            "authenticated name, else client certificate, else x-client-id, else peer "
+            "address); 0 = off, the default, because behind a proxy or sidecar every caller "
+            "shares one address (e.g. 5 with burst 20 once callers are told apart)"
+        },
+    )
+    rate_limit_burst: int = field(
+        default=20,
+        metadata={"help": "chat calls a client may make at once before the rate applies"},
+    )
+    max_concurrent_generations: int = field(
+        default=48,
+        metadata={
+            "help": "Chat/StreamChat calls in flight over all clients, past it RESOURCE_EXHAUSTED; "
+            "keep below max_workers so health checks find a thread; 0 = no cap"
+        },
+    )
+    auth_tokens_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "file of bearer tokens, one 'name:token' or bare token per line; setting "
+            "it or auth_tokens requires 'authorization: Bearer <token>' (health exempt)"
+        },
+    )
+    auth_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated bearer tokens ('name:token' or bare); prefer the env var"
+        },
+    )
+    tls_cert_file: Path | None = field(
+        default=None,
+        metadata={"help": "PEM server certificate chain; with tls_key_file enables TLS"},
+    )
+    tls_key_file: Path | None = field(default=None, metadata={"help": "PEM server private key"})
+    tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle; clients must present a certificate it signed (mTLS)"},
+    )
+    log_content: bool = field(
+        default=False,
+        metadata={"help": "put prompt and answer text in the access log (personal data)"},
+    )
+    log_health_checks: bool = field(
+        default=False, metadata={"help": "write access-log lines for health checks too"}
+    )
 
     @classmethod
     def from_sources(

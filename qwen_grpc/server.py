@@ -23,7 +23,9 @@ from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
 from qwen_grpc.engine.sources import resolve_model
 from qwen_grpc.engine.types import ChatMessage, GenerationRequest, Role, SamplingParams
+from qwen_grpc.interceptors import build_interceptors
 from qwen_grpc.service import ChatServicer, ModelRuntime
+from qwen_grpc.tls import server_credentials
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from qwen_grpc.validation import RequestLimits, default_sampling
 
@@ -44,9 +46,11 @@ class QwenServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="grpc-handler"
             ),
+            interceptors=build_interceptors(settings),
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *_transport_options(settings),
             ],
         )
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self._grpc)
@@ -55,7 +59,13 @@ class QwenServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
             )
-        self.port = self._grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        credentials = server_credentials(settings)
+        address = f"{settings.host}:{settings.port}"
+        self.port = (
+            self._grpc.add_secure_port(address, credentials)
+            if credentials is not None
+            else self._grpc.add_insecure_port(address)
+        )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property
@@ -94,7 +104,7 @@ class QwenServer:
             max_stop_sequences=settings.max_stop_sequences,
             max_new_tokens=max_new_tokens,
             default_max_new_tokens=min(settings.default_max_new_tokens, max_new_tokens),
-            max_prompt_tokens=min(model.context_length, settings.kv_cache_tokens) - 1,
+            max_prompt_tokens=_max_prompt_tokens(settings, model.context_length, max_new_tokens),
             vocab_size=model.vocab_size,
         )
         defaults = default_sampling(model.generation_config, limits)
@@ -121,6 +131,39 @@ class QwenServer:
         if self.engine is not None:
             self.engine.stop()
         _LOGGER.info("stopped")
+
+
+def _transport_options(settings: Settings) -> list[tuple[str, int]]:
+    """Keepalive and connection-age options: find dead peers, refuse ping floods (issue 4)."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options = [
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            ms(settings.keepalive_min_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        # Our own keepalive pings must not stop on idle connections.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        options.append(("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(settings.max_deadline_seconds)))
+    return options
+
+
+def _max_prompt_tokens(settings: Settings, context_length: int, max_new_tokens: int) -> int:
+    """Room for the prompt: the window minus a default answer, unless set (then capped)."""
+    window = min(context_length, settings.kv_cache_tokens)
+    if settings.max_prompt_tokens > 0:
+        return min(settings.max_prompt_tokens, window - 1)
+    default_answer = min(settings.default_max_new_tokens, max_new_tokens)
+    return max(1, window - default_answer)
 
 
 def _warm_up(engine: Engine, max_new_tokens: int) -> None:

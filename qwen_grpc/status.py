@@ -57,6 +57,17 @@ def resource_exhausted(message: str, retry_after_seconds: float) -> grpc.Status:
     )
 
 
+def unauthenticated(message: str, reason: str) -> grpc.Status:
+    """UNAUTHENTICATED with ``google.rpc.ErrorInfo``: were credentials missing, or wrong?"""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    return _status(grpc.StatusCode.UNAUTHENTICATED, message, info)
+
+
+def deadline_exceeded(message: str) -> grpc.Status:
+    """DEADLINE_EXCEEDED; raised by the server when too little time is left to start."""
+    return _status(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
 def internal(request_id: str) -> grpc.Status:
     """INTERNAL with the request id to quote in a bug report, never a traceback."""
     info = error_details_pb2.ErrorInfo(

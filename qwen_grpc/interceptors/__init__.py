@@ -1,1 +1,49 @@
-"""Server interceptors: auth, logging, rate limiting and deadlines, one job each."""
+"""Server interceptors: auth, logging, rate limiting and deadlines, one job each.
+
+:func:`build_interceptors` composes them from the settings, outermost first:
+
+1. access log: sees every outcome, including the refusals of the interceptors below it;
+2. errors: no stray exception reaches the caller as UNKNOWN;
+3. auth (when tokens are configured): who is calling, before anything is spent on them;
+4. deadlines: a hopeless call is refused before it takes a rate-limit token or a slot;
+5. rate limit: per-client token bucket and the global cap on concurrent generations.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from qwen_grpc.config import Settings
+from qwen_grpc.interceptors.access_log import AccessLogInterceptor
+from qwen_grpc.interceptors.auth import AuthInterceptor, BearerTokens
+from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
+from qwen_grpc.interceptors.errors import ErrorInterceptor
+from qwen_grpc.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
+
+__all__ = ["build_interceptors"]
+
+
+def build_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
+    """The interceptor chain the settings ask for, in the order above."""
+    chain: list[grpc.ServerInterceptor] = [
+        AccessLogInterceptor(settings.log_content, settings.log_health_checks),
+        ErrorInterceptor(),
+    ]
+    tokens = BearerTokens.from_sources(settings.auth_tokens_file, settings.auth_tokens)
+    if tokens:
+        chain.append(AuthInterceptor(tokens))
+    chain.append(
+        DeadlineInterceptor(
+            settings.default_deadline_seconds,
+            settings.max_deadline_seconds,
+            settings.min_deadline_seconds,
+        )
+    )
+    buckets = (
+        TokenBuckets(settings.rate_limit_per_second, settings.rate_limit_burst)
+        if settings.rate_limit_per_second > 0
+        else None
+    )
+    if buckets is not None or settings.max_concurrent_generations > 0:
+        chain.append(RateLimitInterceptor(buckets, settings.max_concurrent_generations))
+    return chain

@@ -1,0 +1,175 @@
+"""The access log: one structured line per call, and the request id echoed to the caller.
+
+Each call gets a request id (the caller's ``x-request-id``, else a fresh one), sent back at once
+in the response's initial metadata, so a caller can quote it even for a call that failed. When
+the call ends the logger ``qwen_grpc.access`` records method, peer, client, request id, status
+code, duration, token counts and, for streams, the time to the first response. The fields ride
+on the record (``extra=``), so :class:`qwen_grpc.logs.JsonFormatter` writes one JSON object.
+
+Streams are timed to their end, not to the creation of the generator, by wrapping the response
+iterator. Prompt and answer text are personal data: they are logged only if ``log_content``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from qwen_grpc.interceptors.base import (
+    HEALTH_PREFIX,
+    REQUEST_ID_KEY,
+    Behavior,
+    CallContext,
+    CallInfo,
+    Interceptor,
+)
+from qwen_grpc.v1 import chat_pb2
+
+_LOGGER = logging.getLogger(__name__)
+ACCESS_LOGGER = logging.getLogger("qwen_grpc.access")
+_SERVER_FAULTS = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+)
+
+
+class _CallRecord:
+    """What is known about one call so far; written to the log exactly once."""
+
+    def __init__(
+        self, context: CallContext, call: CallInfo, request: Any, log_content: bool
+    ) -> None:
+        self._context = context
+        self._call = call
+        self._log_content = log_content
+        self._start = time.monotonic()
+        self._lock = threading.Lock()
+        self._written = False
+        self._first_response: float | None = None
+        self._answer: list[str] = []
+        self.fields: dict[str, Any] = {
+            "method": call.method,
+            "peer": context.peer(),
+            "request_id": context.request_id,
+        }
+        prompt = _prompt_of(request) if log_content and not call.request_streaming else None
+        if prompt is not None:
+            self.fields["prompt"] = prompt
+
+    def observe(self, response: Any) -> None:
+        """Notes token counts, the first response's time, and (if enabled) the answer text."""
+        if self._first_response is None:
+            self._first_response = time.monotonic()
+        usage: chat_pb2.Usage | None = None
+        if isinstance(response, chat_pb2.ChatResponse):
+            usage = response.usage
+            if self._log_content:
+                self._answer.append(response.message.content)
+        elif isinstance(response, chat_pb2.StreamChatResponse):
+            if response.HasField("final"):
+                usage = response.final.usage
+            elif self._log_content:
+                self._answer.append(response.delta)
+        elif isinstance(response, chat_pb2.CountTokensResponse):
+            self.fields["prompt_tokens"] = response.prompt_tokens
+        if usage is not None:
+            self.fields["prompt_tokens"] = usage.prompt_tokens
+            self.fields["completion_tokens"] = usage.completion_tokens
+
+    def write(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            if self._written:
+                return
+            self._written = True
+        end = time.monotonic()
+        fields = dict(self.fields)
+        fields["code"] = code.name
+        fields["duration_ms"] = round((end - self._start) * 1000, 2)
+        if self._call.response_streaming and self._first_response is not None:
+            fields["ttft_ms"] = round((self._first_response - self._start) * 1000, 2)
+        try:
+            fields["client"] = self._context.client
+        except Exception:  # the peer may be gone; the log line matters more
+            _LOGGER.debug("could not name the client", exc_info=True)
+        if self._log_content and self._answer:
+            fields["answer"] = "".join(self._answer)
+        level = logging.ERROR if code in _SERVER_FAULTS else logging.INFO
+        ACCESS_LOGGER.log(
+            level,
+            "%s %s %.1f ms",
+            fields["method"],
+            fields["code"],
+            fields["duration_ms"],
+            extra=fields,
+        )
+
+
+def _prompt_of(request: Any) -> list[dict[str, str]] | None:
+    messages = getattr(request, "messages", None)
+    if messages is None:
+        return None
+    return [
+        {
+            "role": chat_pb2.Role.Name(m.role) if m.role in chat_pb2.Role.values() else str(m.role),
+            "content": m.content,
+        }
+        for m in messages
+    ]
+
+
+def _final_code(context: CallContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with, as far as the server can tell."""
+    code: grpc.StatusCode | None = context.code()
+    if code is not None:
+        return code
+    if error is None and context.is_active():
+        return grpc.StatusCode.OK
+    if isinstance(error, Exception):
+        return grpc.StatusCode.UNKNOWN
+    # The client went away (cancelled, disconnected, or its own deadline passed).
+    if context.client_deadline_remaining() == 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class AccessLogInterceptor(Interceptor):
+    """Echoes the request id and writes one access-log line per call."""
+
+    def __init__(self, log_content: bool = False, log_health_checks: bool = False) -> None:
+        self._log_content = log_content
+        self._log_health_checks = log_health_checks
+
+    def applies_to(self, method: str) -> bool:
+        return self._log_health_checks or not method.startswith(HEALTH_PREFIX)
+
+    def intercept(
+        self, method: Behavior, request: Any, context: CallContext, call: CallInfo
+    ) -> Any:
+        record = _CallRecord(context, call, request, self._log_content)
+        context.send_initial_metadata(((REQUEST_ID_KEY, context.request_id),))
+        try:
+            response = method(request, context)
+        except BaseException as exc:
+            record.write(_final_code(context, exc))
+            raise
+        if not call.response_streaming:
+            record.observe(response)
+            record.write(_final_code(context, None))
+            return response
+        context.add_callback(lambda: record.write(_final_code(context, GeneratorExit())))
+        return self._observe(response, record, context)
+
+    @staticmethod
+    def _observe(responses: Iterator[Any], record: _CallRecord, context: CallContext) -> Any:
+        try:
+            for response in responses:
+                record.observe(response)
+                yield response
+        except BaseException as exc:
+            record.write(_final_code(context, exc))
+            raise
+        record.write(_final_code(context, None))

@@ -1,0 +1,348 @@
+"""Limits that keep misbehaving callers cheap: rate, concurrency, deadlines, sizes, keepalive.
+
+Servers with changed interceptor settings borrow the session's loaded tiny model; the tests that
+need different engine limits (the 20-stream cancellation) load their own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from grpc_status import rpc_status
+
+from qwen_grpc.config import Settings
+from qwen_grpc.engine.scheduler import Engine
+from qwen_grpc.interceptors.rate_limit import TokenBuckets
+from qwen_grpc.server import _max_prompt_tokens
+from qwen_grpc.v1 import chat_pb2
+from tests.conftest import RunningServer
+
+ServerMaker = Callable[..., RunningServer]
+MESSAGES = [chat_pb2.Message(role=chat_pb2.ROLE_USER, content="Tell a long story")]
+
+
+def chat(max_new_tokens: int = 2) -> chat_pb2.ChatRequest:
+    return chat_pb2.ChatRequest(
+        messages=MESSAGES,
+        options=chat_pb2.GenerationOptions(greedy=True, max_new_tokens=max_new_tokens),
+    )
+
+
+def stream(max_new_tokens: int = 400) -> chat_pb2.StreamChatRequest:
+    return chat_pb2.StreamChatRequest(
+        messages=MESSAGES,
+        options=chat_pb2.GenerationOptions(greedy=True, max_new_tokens=max_new_tokens),
+    )
+
+
+@pytest.fixture
+def make_server(server_factory: Any, tiny_server: RunningServer) -> ServerMaker:
+    """A server with changed settings, serving the session's already loaded tiny model."""
+
+    def make(**changes: Any) -> RunningServer:
+        running: RunningServer = server_factory(**changes)
+        running.server.servicer.attach(tiny_server.server.servicer.runtime)
+        return running
+
+    return make
+
+
+def engine_of(running: RunningServer) -> Engine:
+    return running.server.servicer.runtime.engine
+
+
+def wait_for(condition: Callable[[], bool], within: float = 1.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def wait_until_idle(engine: Engine, within: float = 1.0) -> bool:
+    return wait_for(lambda: engine.active_sequences == 0 and engine.queued_requests == 0, within)
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The retry delay a client parses from google.rpc.RetryInfo, in seconds."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+# -- rate limit ------------------------------------------------------------------------------
+
+
+def test_rate_limit_burst_first_n_pass_then_resource_exhausted_with_a_retry_delay(
+    make_server: ServerMaker,
+) -> None:
+    running = make_server(rate_limit_per_second=0.1, rate_limit_burst=5)
+    outcomes: list[grpc.StatusCode] = []
+    delays: list[float | None] = []
+    for _ in range(8):
+        try:
+            running.stub.Chat(chat())
+            outcomes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+            delays.append(retry_delay(error))
+    assert outcomes == [grpc.StatusCode.OK] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    # The next token is due within 1 / rate seconds, and no sooner than 10 s minus the calls.
+    assert all(d is not None and 5.0 < d <= 10.0 for d in delays)
+
+
+def _burst(running: RunningServer, client_ids: list[str | None]) -> dict[str, int]:
+    """Fires all calls at once; counts outcomes by status code name."""
+    calls = [
+        running.stub.Chat.future(
+            chat(), metadata=[] if client is None else [("x-client-id", client)], timeout=60
+        )
+        for client in client_ids
+    ]
+    counts: dict[str, int] = {}
+    for call in calls:
+        try:
+            call.result()
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                delay = retry_delay(error)
+                assert delay is not None and 0 < delay <= 0.2
+        counts[code.name] = counts.get(code.name, 0) + 1
+    return counts
+
+
+def test_burst_of_50_calls_from_one_client_and_from_two(
+    make_server: ServerMaker, record_property: Callable[[str, object], None]
+) -> None:
+    running = make_server(rate_limit_per_second=5.0, rate_limit_burst=20)
+    one = _burst(running, [None] * 50)  # one client: told apart by its address
+    two = _burst(running, ["a", "b"] * 25)  # two clients: told apart by x-client-id
+    record_property("burst_50_one_client", one)
+    record_property("burst_50_two_clients", two)
+    assert set(one) | set(two) <= {"OK", "RESOURCE_EXHAUSTED"}
+    # The burst, plus at most the tokens refilled at 5/s while the calls arrive.
+    assert 20 <= one["OK"] <= 22
+    assert 40 <= two["OK"] <= 44
+
+
+def test_health_and_reflection_are_exempt_from_rate_limits(make_server: ServerMaker) -> None:
+    running = make_server(rate_limit_per_second=0.01, rate_limit_burst=1)
+    running.stub.GetModelInfo(chat_pb2.GetModelInfoRequest())
+    with pytest.raises(grpc.RpcError) as caught:
+        running.stub.GetModelInfo(chat_pb2.GetModelInfoRequest())
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    health = health_pb2_grpc.HealthStub(running.channel)
+    for _ in range(5):
+        health.Check(health_pb2.HealthCheckRequest())
+    assert (
+        "qwen.chat.v1.ChatService"
+        in ProtoReflectionDescriptorDatabase(running.channel).get_services()
+    )
+
+
+def test_token_buckets_refill_at_the_rate_and_forget_idle_clients() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("a") == pytest.approx(0.5)
+    assert buckets.take("b") == 0.0  # another client has its own bucket
+    now[0] = 0.25
+    assert buckets.take("a") == pytest.approx(0.25)
+    now[0] = 0.5
+    assert buckets.take("a") == 0.0
+    for index in range(3000):  # many one-off clients: refilled buckets are swept away
+        now[0] += 10.0
+        buckets.take(f"client-{index}")
+    assert len(buckets) <= 1025
+
+
+def test_concurrent_generations_are_capped_and_slots_come_back(make_server: ServerMaker) -> None:
+    running = make_server(max_concurrent_generations=2)
+    streams = [running.stub.StreamChat(stream()) for _ in range(2)]
+    for call in streams:
+        next(call)
+    with pytest.raises(grpc.RpcError) as caught:
+        running.stub.Chat(chat())
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_delay(caught.value) == 1.0
+    assert running.stub.CountTokens(chat_pb2.CountTokensRequest(messages=MESSAGES)).prompt_tokens
+    streams[0].cancel()  # an abandoned stream gives its slot back
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            running.stub.Chat(chat())
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline, "the cancelled stream's slot never came back"
+            time.sleep(0.02)
+    streams[1].cancel()
+
+
+# -- deadlines -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["Chat", "StreamChat"])
+def test_too_little_time_left_is_refused_before_queuing(
+    make_server: ServerMaker, streaming: bool
+) -> None:
+    running = make_server(min_deadline_seconds=1.0)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        if streaming:
+            list(running.stub.StreamChat(stream(), timeout=0.6))
+        else:
+            running.stub.Chat(chat(), timeout=0.6)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "at least 1 s" in caught.value.details()  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 0.5  # refused by the server, not timed out by the client
+    assert engine_of(running).queued_requests == 0
+
+
+def _stream_until_error(
+    call: Any,
+) -> tuple[int, grpc.RpcError]:
+    deltas = 0
+    try:
+        for event in call:
+            deltas += event.WhichOneof("event") == "delta"
+    except grpc.RpcError as error:
+        return deltas, error
+    raise AssertionError("the stream completed instead of running out of time")
+
+
+@pytest.mark.parametrize(
+    ("settings", "timeout"),
+    [
+        ({"default_deadline_seconds": 0.6}, None),
+        ({"max_deadline_seconds": 0.6}, 60.0),
+        ({}, 0.6),
+    ],
+    ids=["server-default", "server-maximum", "client-deadline"],
+)
+def test_a_deadline_passing_during_generation_stops_it_within_a_step(
+    make_server: ServerMaker, settings: dict[str, float], timeout: float | None
+) -> None:
+    running = make_server(**settings)
+    started = time.monotonic()
+    deltas, error = _stream_until_error(running.stub.StreamChat(stream(500), timeout=timeout))
+    elapsed = time.monotonic() - started
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert deltas >= 1, "generation should have started before the deadline"
+    assert 0.5 < elapsed < 2.0
+    assert wait_until_idle(engine_of(running))
+
+
+# -- sizes -----------------------------------------------------------------------------------
+
+
+def test_oversized_request_message_is_refused(make_server: ServerMaker) -> None:
+    running = make_server(max_receive_message_bytes=2048)
+    big = chat_pb2.ChatRequest(
+        messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="x" * 4096)]
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        running.stub.Chat(big)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_too_many_messages_is_invalid_argument(tiny_server: RunningServer) -> None:
+    messages = [chat_pb2.Message(role=chat_pb2.ROLE_USER, content="hi")] * 129
+    with pytest.raises(grpc.RpcError) as caught:
+        tiny_server.stub.CountTokens(chat_pb2.CountTokensRequest(messages=messages))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_max_prompt_tokens_leaves_room_for_a_default_answer(
+    tiny_server: RunningServer, tiny_settings: Settings
+) -> None:
+    info = tiny_server.stub.GetModelInfo(chat_pb2.GetModelInfoRequest())
+    assert info.limits.max_prompt_tokens == 2048 - 32  # context window minus default answer
+    assert _max_prompt_tokens(Settings(kv_cache_tokens=1000), 32768, 1024) == 1000 - 256
+    assert _max_prompt_tokens(Settings(max_prompt_tokens=500), 2048, 512) == 500
+    assert _max_prompt_tokens(Settings(max_prompt_tokens=9999), 2048, 512) == 2047
+
+
+# -- keepalive -------------------------------------------------------------------------------
+
+
+def _connectivity_after_pinging(running: RunningServer, seconds: float) -> list[str]:
+    """A client that pings every 100 ms of idleness; returns the states its channel went through."""
+    channel = grpc.insecure_channel(
+        running.server.address,
+        options=[
+            ("grpc.keepalive_time_ms", 100),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_sent_ping_interval_without_data_ms", 100),
+        ],
+    )
+    states: list[str] = []
+    channel.subscribe(lambda state: states.append(state.name), try_to_connect=True)
+    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    time.sleep(seconds)
+    channel.close()
+    return states
+
+
+def test_keepalive_enforcement_sends_ping_flooders_away(make_server: ServerMaker) -> None:
+    strict = make_server(keepalive_min_ping_interval_seconds=10.0, keepalive_max_ping_strikes=1)
+    lenient = make_server(keepalive_min_ping_interval_seconds=0.05)
+    results: dict[str, list[str]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda name=name, running=running: results.__setitem__(
+                name, _connectivity_after_pinging(running, 3.0)
+            )
+        )
+        for name, running in (("strict", strict), ("lenient", lenient))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # GOAWAY too_many_pings drops the strict server's connection; the lenient one stays READY.
+    assert results["strict"][-1] != "READY"
+    assert results["lenient"][-1] == "READY"
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+
+def test_cancelling_20_streams_frees_the_engine_within_a_second(server_factory: Any) -> None:
+    running: RunningServer = server_factory(max_batch_size=24)
+    running.server.load()
+    engine = engine_of(running)
+
+    def timed_chat() -> float:
+        started = time.monotonic()
+        running.stub.Chat(chat(16))
+        return time.monotonic() - started
+
+    baseline = min(timed_chat() for _ in range(2))
+    streams = [running.stub.StreamChat(stream(500)) for _ in range(20)]
+    for call in streams:
+        assert next(call).WhichOneof("event") == "delta"
+    # A joiner's first delta is sent during its prefill, a moment before it joins the batch.
+    assert wait_for(lambda: engine.active_sequences == 20)
+    for call in streams:
+        call.cancel()
+    assert wait_until_idle(engine, within=1.0)
+    after = timed_chat()
+    assert after < 2 * baseline + 0.25, f"{after:.3f} s after vs {baseline:.3f} s before"
