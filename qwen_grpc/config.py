@@ -173,6 +173,15 @@ class Settings:
     log_health_checks: bool = field(
         default=False, metadata={"help": "write access-log lines for health checks too"}
     )
+    metrics_port: int = field(
+        default=9090, metadata={"help": "Prometheus /metrics HTTP port on the same host (0 = off)"}
+    )
+    watchdog_stall_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "NOT_SERVING when the engine makes no progress this long with work pending"
+        },
+    )
 
     @classmethod
     def from_sources(

@@ -12,6 +12,7 @@ import signal
 import threading
 from concurrent import futures
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,10 +25,12 @@ from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
 from qwen_grpc.engine.sources import resolve_model
 from qwen_grpc.engine.types import ChatMessage, GenerationRequest, Role, SamplingParams
 from qwen_grpc.interceptors import build_interceptors
+from qwen_grpc.metrics import ServiceMetrics
 from qwen_grpc.service import ChatServicer, ModelRuntime
 from qwen_grpc.tls import server_credentials
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from qwen_grpc.validation import RequestLimits, default_sampling
+from qwen_grpc.watchdog import EngineWatchdog
 
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -42,11 +45,15 @@ class QwenServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.servicer = ChatServicer()
         self.engine: Engine | None = None
+        self.metrics = ServiceMetrics()
+        self.metrics_port: int | None = None
+        self._metrics_http: WSGIServer | None = None
+        self._watchdog: EngineWatchdog | None = None
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="grpc-handler"
             ),
-            interceptors=build_interceptors(settings),
+            interceptors=build_interceptors(settings, self.metrics),
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -80,6 +87,9 @@ class QwenServer:
         """Starts answering: health says NOT_SERVING and chat calls UNAVAILABLE until loaded."""
         self._grpc.start()
         _LOGGER.info("listening on %s (NOT_SERVING until the model is warm)", self.address)
+        if self.settings.metrics_port > 0:
+            self._metrics_http, _ = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
 
     def load(self) -> None:
         """Resolves, loads and warms up the model, then reports SERVING."""
@@ -95,9 +105,11 @@ class QwenServer:
                 kv_cache_tokens=settings.kv_cache_tokens,
             ),
             tokenizer,
+            observer=self.metrics,
         )
         engine.start()
         self.engine = engine
+        self.metrics.watch_engine(engine)
         max_new_tokens = min(settings.max_new_tokens_cap, model.context_length - 1)
         limits = RequestLimits(
             max_messages=settings.max_messages,
@@ -119,8 +131,16 @@ class QwenServer:
                 revision=files.revision,
             )
         )
+        self._watchdog = EngineWatchdog(
+            engine, settings.watchdog_stall_seconds, on_failure=self._engine_failed
+        )
+        self._watchdog.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         _LOGGER.info("SERVING %s (%s) on %s", files.model_id, model.dtype, self.address)
+
+    def _engine_failed(self, problem: str) -> None:
+        """The watchdog's verdict: stop advertising a service that cannot answer."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING, refuse new calls, let in-flight calls finish, free the model."""
@@ -128,8 +148,13 @@ class QwenServer:
         grace = self.settings.grace_seconds if grace is None else grace
         _LOGGER.info("draining for up to %.0f s", grace)
         self._grpc.stop(grace).wait()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self.engine is not None:
             self.engine.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         _LOGGER.info("stopped")
 
 

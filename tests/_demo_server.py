@@ -102,6 +102,8 @@ def start_demo_server(timeout: float = START_TIMEOUT_SECONDS) -> DemoServer:
                 str(port),
                 "--grace-seconds",
                 "5",
+                "--metrics-port",
+                "0",
                 # One torch thread: on a busy CI machine, threads waiting for each other in
                 # every matmul cost far more than the parallelism gains for a 135M model.
                 "--threads",

@@ -40,6 +40,7 @@ def tiny_settings(tiny_model_dir: Path, cache_dir: Path) -> Settings:
         max_new_tokens_cap=512,
         default_max_new_tokens=32,
         grace_seconds=2.0,
+        metrics_port=0,
     )
 
 

@@ -114,7 +114,7 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
         torch.set_num_threads(threads)
     started = time.perf_counter()
     resolved = resolve_dtype(dtype)
-    torch_dtype = torch.bfloat16 if resolved == "bfloat16" else torch.float32
+    torch_dtype = torch.float32 if resolved == "float32" else torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
     model.eval()

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -42,6 +43,12 @@ from qwen_grpc.engine.types import (
 
 _LOGGER = logging.getLogger(__name__)
 _RETRY_AFTER_SECONDS = 1.0
+
+
+class StepObserver(Protocol):
+    """Told about every forward pass, e.g. to export batch size and step time as metrics."""
+
+    def on_step(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -110,9 +117,14 @@ class Engine:
     """Owns the model thread; every other thread talks to it through :meth:`submit`."""
 
     def __init__(
-        self, model: LoadedModel, limits: SchedulerLimits, tokenizer: SharedTokenizer
+        self,
+        model: LoadedModel,
+        limits: SchedulerLimits,
+        tokenizer: SharedTokenizer,
+        observer: StepObserver | None = None,
     ) -> None:
         self.model = model
+        self.observer = observer
         self.limits = limits
         self.tokenizer = tokenizer
         self._cond = threading.Condition()
@@ -176,9 +188,23 @@ class Engine:
                 raise OverloadedError(
                     f"the queue is full ({self.limits.max_queue} waiting)", _RETRY_AFTER_SECONDS
                 )
+            if not self.has_work:
+                self.last_progress = time.monotonic()
             self._pending.append(sequence)
             self._cond.notify()
         return handle
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending or self._rows)
+
+    def abandon(self, error: EngineError) -> None:
+        """Fails every queued and running request and refuses new ones.
+
+        Called from the watchdog when the engine thread is stuck or dead: callers get an
+        answer instead of hanging on a thread that will never serve them.
+        """
+        self._fail_waiting(error)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stops the thread; whatever is still queued or running fails as UNAVAILABLE."""
@@ -204,9 +230,9 @@ class Engine:
                     self._guarded(list(self._rows), self._decode_step)
         except BaseException:
             _LOGGER.exception("the engine thread died")
-            raise
         finally:
-            self._fail_everything(UnavailableError("the engine stopped"))
+            self._fail_waiting(UnavailableError("the engine stopped"))
+            self._reset_batch()
 
     def _wait_for_work(self) -> list[_Sequence] | None:
         """Blocks until there is something to do; ``None`` means stop."""
@@ -254,8 +280,15 @@ class Engine:
                 )
             self._reset_batch()
 
+    def _observe(self, kind: str, batch_size: int, tokens: int, started: float) -> None:
+        if self.observer is not None:
+            self.observer.on_step(kind, batch_size, tokens, time.perf_counter() - started)
+
     def _prefill(self, joiners: list[_Sequence]) -> None:
-        logits, cache, mask = self.model.prefill([list(seq.request.prompt_ids) for seq in joiners])
+        started = time.perf_counter()
+        prompts = [list(seq.request.prompt_ids) for seq in joiners]
+        logits, cache, mask = self.model.prefill(prompts)
+        self._observe("prefill", len(joiners), sum(len(p) for p in prompts), started)
         for row, seq in enumerate(joiners):
             self._accept_token(seq, logits[row])
         survivors = [row for row, seq in enumerate(joiners) if not seq.finished]
@@ -278,11 +311,13 @@ class Engine:
 
     def _decode_step(self) -> None:
         assert self._cache is not None
+        started = time.perf_counter()
         tokens = torch.tensor([seq.last_token for seq in self._rows], dtype=torch.long)
         self._mask = torch.cat(
             [self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1
         )
         logits = self.model.decode(tokens, self._cache, self._mask, self._positions)
+        self._observe("decode", len(self._rows), len(self._rows), started)
         self._positions += 1
         for row, seq in enumerate(self._rows):
             self._accept_token(seq, logits[row])
@@ -342,7 +377,8 @@ class Engine:
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
 
-    def _fail_everything(self, error: EngineError) -> None:
+    def _fail_waiting(self, error: EngineError) -> None:
+        """Answers every queued and running request with ``error``; safe from any thread."""
         with self._cond:
             self._accepting = False
             waiting = list(self._pending) + self._rows
@@ -350,7 +386,6 @@ class Engine:
         for seq in waiting:
             if not seq.finished:
                 seq.handle.put(error)
-        self._reset_batch()
 
 
 def _shared_left_padding(mask: torch.Tensor) -> int:

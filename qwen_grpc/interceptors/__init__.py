@@ -14,7 +14,7 @@ from __future__ import annotations
 import grpc
 
 from qwen_grpc.config import Settings
-from qwen_grpc.interceptors.access_log import AccessLogInterceptor
+from qwen_grpc.interceptors.access_log import AccessLogInterceptor, CallObserver
 from qwen_grpc.interceptors.auth import AuthInterceptor, BearerTokens
 from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
 from qwen_grpc.interceptors.errors import ErrorInterceptor
@@ -23,10 +23,12 @@ from qwen_grpc.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 __all__ = ["build_interceptors"]
 
 
-def build_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
+def build_interceptors(
+    settings: Settings, observer: CallObserver | None = None
+) -> list[grpc.ServerInterceptor]:
     """The interceptor chain the settings ask for, in the order above."""
     chain: list[grpc.ServerInterceptor] = [
-        AccessLogInterceptor(settings.log_content, settings.log_health_checks),
+        AccessLogInterceptor(settings.log_content, settings.log_health_checks, observer),
         ErrorInterceptor(),
     ]
     tokens = BearerTokens.from_sources(settings.auth_tokens_file, settings.auth_tokens)

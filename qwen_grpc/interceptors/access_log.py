@@ -8,6 +8,7 @@ on the record (``extra=``), so :class:`qwen_grpc.logs.JsonFormatter` writes one 
 
 Streams are timed to their end, not to the creation of the generator, by wrapping the response
 iterator. Prompt and answer text are personal data: they are logged only if ``log_content``.
+The same finished-call facts feed the Prometheus call metrics through a :class:`CallObserver`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -37,12 +38,24 @@ _SERVER_FAULTS = frozenset(
 )
 
 
+class CallObserver(Protocol):
+    """Told about every finished call, e.g. to count calls by method and code."""
+
+    def on_call(self, method: str, code: str, seconds: float, ttft: float | None) -> None: ...
+
+
 class _CallRecord:
     """What is known about one call so far; written to the log exactly once."""
 
     def __init__(
-        self, context: CallContext, call: CallInfo, request: Any, log_content: bool
+        self,
+        context: CallContext,
+        call: CallInfo,
+        request: Any,
+        log_content: bool,
+        observer: CallObserver | None,
     ) -> None:
+        self._observer = observer
         self._context = context
         self._call = call
         self._log_content = log_content
@@ -89,8 +102,12 @@ class _CallRecord:
         fields = dict(self.fields)
         fields["code"] = code.name
         fields["duration_ms"] = round((end - self._start) * 1000, 2)
+        ttft: float | None = None
         if self._call.response_streaming and self._first_response is not None:
-            fields["ttft_ms"] = round((self._first_response - self._start) * 1000, 2)
+            ttft = self._first_response - self._start
+            fields["ttft_ms"] = round(ttft * 1000, 2)
+        if self._observer is not None:
+            self._observer.on_call(self._call.method, code.name, end - self._start, ttft)
         try:
             fields["client"] = self._context.client
         except Exception:  # the peer may be gone; the log line matters more
@@ -139,9 +156,15 @@ def _final_code(context: CallContext, error: BaseException | None) -> grpc.Statu
 class AccessLogInterceptor(Interceptor):
     """Echoes the request id and writes one access-log line per call."""
 
-    def __init__(self, log_content: bool = False, log_health_checks: bool = False) -> None:
+    def __init__(
+        self,
+        log_content: bool = False,
+        log_health_checks: bool = False,
+        observer: CallObserver | None = None,
+    ) -> None:
         self._log_content = log_content
         self._log_health_checks = log_health_checks
+        self._observer = observer
 
     def applies_to(self, method: str) -> bool:
         return self._log_health_checks or not method.startswith(HEALTH_PREFIX)
@@ -149,7 +172,7 @@ class AccessLogInterceptor(Interceptor):
     def intercept(
         self, method: Behavior, request: Any, context: CallContext, call: CallInfo
     ) -> Any:
-        record = _CallRecord(context, call, request, self._log_content)
+        record = _CallRecord(context, call, request, self._log_content, self._observer)
         context.send_initial_metadata(((REQUEST_ID_KEY, context.request_id),))
         try:
             response = method(request, context)

@@ -1,0 +1,107 @@
+"""What operators rely on: Prometheus metrics that move, and a watchdog that tells the truth."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qwen_grpc.v1 import chat_pb2
+from tests.conftest import RunningServer
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples by name and labels, e.g. ``qwen_grpc_calls_total{code="OK",method=...}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def stream_request(max_new_tokens: int) -> chat_pb2.StreamChatRequest:
+    return chat_pb2.StreamChatRequest(
+        messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="Tell me a long story")],
+        options=chat_pb2.GenerationOptions(greedy=True, max_new_tokens=max_new_tokens),
+    )
+
+
+def health(running: RunningServer) -> int:
+    stub = health_pb2_grpc.HealthStub(running.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def test_metrics_move_during_and_after_a_real_call(server_factory: Any) -> None:
+    port = free_port()
+    running = server_factory(metrics_port=port)
+    running.server.load()
+    before = scrape(port)
+    stream = running.stub.StreamChat(stream_request(300))
+    next(stream)
+    during = scrape(port)
+    assert during["qwen_active_sequences"] >= 1
+    rest = list(stream)
+    assert rest[-1].WhichOneof("event") == "final"
+    after = scrape(port)
+    method = "/qwen.chat.v1.ChatService/StreamChat"
+    calls = f'qwen_grpc_calls_total{{code="OK",method="{method}"}}'
+    assert after[calls] == before.get(calls, 0) + 1
+    assert after["qwen_generated_tokens_total"] - before["qwen_generated_tokens_total"] >= len(rest)
+    assert after["qwen_prompt_tokens_total"] > before["qwen_prompt_tokens_total"]
+    assert total(after, 'qwen_grpc_time_to_first_token_seconds_count{method="' + method) >= 1
+    assert after['qwen_engine_step_seconds_count{kind="decode"}'] > before.get(
+        'qwen_engine_step_seconds_count{kind="decode"}', 0
+    )
+    assert after["qwen_active_sequences"] == 0
+    assert after["qwen_queue_depth"] == 0
+
+
+@pytest.mark.parametrize("fault", ["stuck", "crash"])
+def test_watchdog_reports_not_serving_and_fails_calls_when_the_engine_breaks(
+    server_factory: Any, fault: str
+) -> None:
+    running = server_factory(watchdog_stall_seconds=1.0)
+    running.server.load()
+    engine = running.server.engine
+    assert engine is not None
+    release = threading.Event()
+
+    def broken_decode(*_: object) -> object:
+        if fault == "crash":
+            raise SystemExit("injected crash of the engine thread")
+        release.wait(30)
+        raise RuntimeError("released")
+
+    engine.model.decode = broken_decode  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(running.stub.StreamChat(stream_request(50), timeout=20))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while health(running) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health never left SERVING"
+        time.sleep(0.1)
+    with pytest.raises(grpc.RpcError) as refused:
+        running.stub.Chat(chat_pb2.ChatRequest(messages=stream_request(5).messages), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    release.set()
