@@ -88,7 +88,9 @@ class QwenServer:
         self._grpc.start()
         _LOGGER.info("listening on %s (NOT_SERVING until the model is warm)", self.address)
         if self.settings.metrics_port > 0:
-            self._metrics_http, _ = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            self._metrics_http, _ = self.metrics.serve(
+                self.settings.host, self.settings.metrics_port
+            )
             self.metrics_port = self._metrics_http.server_port
 
     def load(self) -> None:

@@ -18,6 +18,10 @@ _GROWTH_COLUMNS = 256
 class GrowableLayer(DynamicLayer):
     """One layer's keys and values in a buffer with spare columns for the next tokens."""
 
+    def __init__(self, storage_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self._storage_dtype = storage_dtype
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._set(key_states[..., :0, :], value_states[..., :0, :])
@@ -39,6 +43,9 @@ class GrowableLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._storage_dtype is not None:
+            key_states = key_states.to(self._storage_dtype)
+            value_states = value_states.to(self._storage_dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
@@ -73,8 +80,8 @@ def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
 class BatchKVCache(Cache):
     """The per-layer caches of one batch, with row-level join and leave."""
 
-    def __init__(self, num_layers: int) -> None:
-        self._growable = [GrowableLayer() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, storage_dtype: torch.dtype | None = None) -> None:
+        self._growable = [GrowableLayer(storage_dtype) for _ in range(num_layers)]
         super().__init__(layers=list(self._growable))
 
     @property

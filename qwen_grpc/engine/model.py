@@ -15,7 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from qwen_grpc.engine.head import LogitsHead
 from qwen_grpc.engine.kv_cache import BatchKVCache
+from qwen_grpc.engine.quantize import quantize_int8
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,10 +49,20 @@ class LoadedModel:
     context_length: int
     vocab_size: int
     stop_token_ids: frozenset[int]
+    head: LogitsHead
 
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits ``[len, vocab]`` for every position, computed the way generation does.
+
+        For quality checks: compare next-token choices across precisions.
+        """
+        out = self.model.base_model(input_ids=torch.tensor([token_ids]), use_cache=False)
+        return self.head(out.last_hidden_state[0])
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchKVCache, torch.Tensor]:
@@ -67,29 +79,28 @@ class LoadedModel:
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = BatchKVCache(self.num_layers)
-        out = self.model(
+        out = self.model.base_model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
         )
-        return out.logits[:, -1, :].float(), cache, mask
+        return self.head(out.last_hidden_state[:, -1, :]), cache, mask
 
     @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, cache: BatchKVCache, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """One decode step for every row; ``mask`` already includes the new column."""
-        out = self.model(
+        out = self.model.base_model(
             input_ids=tokens.unsqueeze(-1),
             attention_mask=mask,
             position_ids=positions.unsqueeze(-1),
             cache=cache,
             use_cache=True,
         )
-        return out.logits[:, -1, :].float()
+        return self.head(out.last_hidden_state[:, -1, :])
 
 
 def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> frozenset[int]:
@@ -119,8 +130,6 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
     model.eval()
     if resolved == "int8":
-        from qwen_grpc.engine.quantize import quantize_int8
-
         model = quantize_int8(model)
     try:
         generation_config = GenerationConfig.from_pretrained(path)
@@ -143,4 +152,5 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
         context_length=context_length,
         vocab_size=int(model.config.vocab_size),
         stop_token_ids=_stop_token_ids(tokenizer, generation_config),
+        head=LogitsHead(model.get_output_embeddings()),
     )

@@ -1,0 +1,71 @@
+"""bf16 and int8 must answer like float32: next-token agreement on the demo model, and Paris."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_grpc.engine.model import LoadedModel, load_model
+from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
+from qwen_grpc.engine.sources import resolve_model
+from qwen_grpc.engine.types import ChatMessage, Completed, GenerationRequest, Role, SamplingParams
+
+TEXT = (
+    "The history of Paris spans more than two thousand years. Founded by a Celtic tribe called "
+    "the Parisii on an island in the Seine, the settlement grew into a Roman town named "
+    "Lutetia. In the Middle Ages it became the capital of the kingdom of France and one of the "
+    "largest cities in Europe, home to a famous university and a great cathedral. During the "
+    "nineteenth century the city was rebuilt with wide boulevards, parks and sewers, and it "
+    "hosted several world fairs, one of which left behind the Eiffel Tower. Today Paris is a "
+    "centre of finance, fashion, science and the arts, and millions of visitors come each year "
+    "to see its museums, its churches and the river that runs through its heart."
+)
+
+
+# int8 is per-channel int8 of weights that the demo model ships as Q4_1 (4-bit, per group of
+# 32): re-quantizing that grid per row costs it about 5 % of greedy choices.
+MIN_AGREEMENT = {"bfloat16": 0.97, "int8": 0.90}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(cache_dir: Path) -> Path:
+    return resolve_model("demo", None, cache_dir).path
+
+
+def next_token_choices(model: LoadedModel) -> torch.Tensor:
+    ids = model.tokenizer(TEXT)["input_ids"]
+    return model.score(ids).argmax(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def float32_choices(demo_dir: Path) -> torch.Tensor:
+    return next_token_choices(load_model(demo_dir, "float32", threads=0))
+
+
+def answer(model: LoadedModel, question: str) -> str:
+    tokenizer = SharedTokenizer(model.tokenizer)
+    engine = Engine(model, SchedulerLimits(), tokenizer)
+    engine.start()
+    try:
+        prompt = tuple(tokenizer.encode_chat([ChatMessage(Role.USER, question)]))
+        handle = engine.submit(
+            GenerationRequest("q", prompt, SamplingParams(max_new_tokens=24, greedy=True))
+        )
+        return "".join(e.text for e in handle if not isinstance(e, Completed))
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_reduced_precision_agrees_with_float32_and_still_knows_paris(
+    demo_dir: Path, float32_choices: torch.Tensor, dtype: str
+) -> None:
+    model = load_model(demo_dir, dtype, threads=0)
+    assert model.dtype == dtype
+    choices = next_token_choices(model)
+    agreement = float((choices == float32_choices).float().mean())
+    assert agreement >= MIN_AGREEMENT[dtype], f"{dtype} agrees with float32 on {agreement:.1%}"
+    assert "Paris" in answer(model, "What is the capital of France?")
