@@ -182,7 +182,7 @@ def test_engine_thread_is_the_only_thread_running_the_model(
     engine: Engine, tiny_model: LoadedModel
 ) -> None:
     callers: set[str] = set()
-    hook = tiny_model.model.register_forward_pre_hook(
+    hook = tiny_model.model.base_model.register_forward_pre_hook(
         lambda *_: callers.add(threading.current_thread().name)
     )
     try:
