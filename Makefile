@@ -57,13 +57,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy qwen_grpc clients
 
-# grpcio-tools writes `from qwen.chat.v1 import ...`; the stubs live in qwen_grpc.v1.
+# The recipe lives in tools/generate_proto.py so the staleness test runs the same one.
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -I proto \
-		--python_out=qwen_grpc/v1 --pyi_out=qwen_grpc/v1 --grpc_python_out=qwen_grpc/v1 \
-		proto/qwen/chat/v1/chat.proto
-	cp qwen_grpc/v1/qwen/chat/v1/* qwen_grpc/v1/ && rm -r qwen_grpc/v1/qwen
-	sed -i 's/^from qwen\.chat\.v1 import chat_pb2/from qwen_grpc.v1 import chat_pb2/' qwen_grpc/v1/chat_pb2_grpc.py
+	$(BIN)/python tools/generate_proto.py qwen_grpc/v1
 
 bench: install models
 	$(BIN)/python -m bench.run

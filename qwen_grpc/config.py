@@ -75,6 +75,13 @@ class Settings:
         default=30.0, metadata={"help": "on SIGTERM, time in-flight calls get to finish"}
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    drain_delay_seconds: float = field(
+        default=1.0,
+        metadata={
+            "help": "on SIGTERM, keep accepting calls this long after NOT_SERVING so "
+            "load balancers move away first"
+        },
+    )
     # -- hardening: limits, keepalive, interceptors, TLS (issue 4) --------------------------
     max_prompt_tokens: int = field(
         default=0,
@@ -255,3 +262,19 @@ def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
             except ValueError as exc:
                 raise SystemExit(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from exc
     return Settings(**values)
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated so it cannot drift from the code."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        if f.default is not dataclasses.MISSING:
+            default = "none" if f.default is None else str(f.default)
+        else:
+            default = "`~/.cache/qwen-grpc`"
+        default = default if default.startswith("`") else f"`{default}`"
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | {default} "
+            f"| {f.metadata.get('help', '')} |"
+        )
+    return "\n".join(rows)

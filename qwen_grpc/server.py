@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from qwen_grpc.config import Settings
 from qwen_grpc.engine.model import load_model
@@ -26,14 +26,15 @@ from qwen_grpc.engine.sources import resolve_model
 from qwen_grpc.engine.types import ChatMessage, GenerationRequest, Role, SamplingParams
 from qwen_grpc.interceptors import build_interceptors
 from qwen_grpc.metrics import ServiceMetrics
+from qwen_grpc.reflection import CHAT_SERVICE_NAME, enable_reflection
 from qwen_grpc.service import ChatServicer, ModelRuntime
 from qwen_grpc.tls import server_credentials
-from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
+from qwen_grpc.v1 import chat_pb2_grpc
 from qwen_grpc.validation import RequestLimits, default_sampling
 from qwen_grpc.watchdog import EngineWatchdog
 
 _LOGGER = logging.getLogger(__name__)
-SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+SERVICE_NAME = CHAT_SERVICE_NAME
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
 
@@ -63,9 +64,7 @@ class QwenServer:
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
-            )
+            enable_reflection(self._grpc)
         credentials = server_credentials(settings)
         address = f"{settings.host}:{settings.port}"
         self.port = (
@@ -147,6 +146,8 @@ class QwenServer:
     def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING, refuse new calls, let in-flight calls finish, free the model."""
         self.health.enter_graceful_shutdown()
+        if self.engine is not None:
+            time.sleep(self.settings.drain_delay_seconds)
         grace = self.settings.grace_seconds if grace is None else grace
         _LOGGER.info("draining for up to %.0f s", grace)
         self._grpc.stop(grace).wait()

@@ -41,6 +41,7 @@ def tiny_settings(tiny_model_dir: Path, cache_dir: Path) -> Settings:
         default_max_new_tokens=32,
         grace_seconds=2.0,
         metrics_port=0,
+        drain_delay_seconds=0.2,
     )
 
 

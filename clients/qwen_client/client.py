@@ -45,6 +45,8 @@ _RETRIED_METHODS = (
 )
 SERVICE_CONFIG: dict[str, object] = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    # round_robin skips a backend whose health turns NOT_SERVING (draining) before it closes.
+    "healthCheckConfig": {"serviceName": "qwen.chat.v1.ChatService"},
     "methodConfig": [
         {
             "name": [

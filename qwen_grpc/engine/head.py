@@ -1,43 +1,60 @@
-"""Logits from the last hidden state, exact where it matters and cheap everywhere else.
+"""Logits from the last hidden state: fast everywhere, exact where the choice is made.
 
-A bf16 (or int8) ``lm_head`` rounds every logit to bf16: near the top, two candidates often
-round to the same value and the argmax flips, which is where reduced precision loses greedy
-agreement with float32. Recomputing only the best few candidates' logits in fp32 from the same
-hidden state restores float32's ranking at the cost of a few dot products per token.
+The output head is the largest matrix of a small chat model (a third of Qwen1.5-0.5B) and is
+read once per token. In reduced precision an fbgemm int8 head ranks the vocabulary about five
+times faster than a bf16 GEMV; the best candidates' logits are then recomputed in fp32 from the
+model's own weight rows, so the argmax (and the head of the sampling distribution) is what the
+model's weights say, not what rounding says. bf16 logits alone flip near-ties often enough to
+cost several points of greedy agreement with float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from qwen_grpc.engine.quantize import Int8Linear
+from qwen_grpc.engine.fast_linear import fbgemm_int8_linear
+from qwen_grpc.engine.quantize import int8_rows
 
-_REFINED_CANDIDATES = 32
+REFINED_CANDIDATES = 32
+RowLookup = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LogitsHead:
     """Computes fp32 logits ``[batch, vocab]`` from hidden states ``[batch, hidden]``."""
 
-    def __init__(self, head: nn.Module) -> None:
+    def __init__(self, head: nn.Module, exact_rows: RowLookup | None = None) -> None:
+        """``exact_rows`` given: rank with int8, then recompute the top rows exactly."""
         self._head = head
-        weight = getattr(head, "weight", None)
-        self._refine = isinstance(head, Int8Linear) or (
-            weight is not None and weight.dtype != torch.float32
-        )
-
-    def _rows(self, index: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._head, Int8Linear):
-            return self._head.rows(index)
-        weight: torch.Tensor = self._head.weight
-        return weight[index].float()
+        self._exact_rows = exact_rows
+        self._ranker: nn.Module | None = None
+        if exact_rows is not None:
+            self._ranker = fbgemm_int8_linear(*_int8_weight(head))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._head(hidden).float()
-        if not self._refine:
-            return logits
-        candidates = torch.topk(logits, _REFINED_CANDIDATES, dim=-1).indices
-        exact = torch.einsum("bh,bkh->bk", hidden.float(), self._rows(candidates))
-        if getattr(self._head, "bias", None) is not None:
-            exact = exact + self._head.bias.float()[candidates]
+        if self._ranker is None or self._exact_rows is None:
+            return self._head(hidden).float()
+        wide = hidden.float()
+        logits = self._ranker(wide)
+        candidates = torch.topk(logits, REFINED_CANDIDATES, dim=-1).indices
+        exact = torch.einsum("bh,bkh->bk", wide, self._exact_rows(candidates))
+        bias = getattr(self._head, "bias", None)
+        if bias is not None:
+            exact = exact + bias.float()[candidates]
         return logits.scatter_(-1, candidates, exact)
+
+
+def _int8_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    values = getattr(head, "values", None)
+    scales = getattr(head, "scales", None)
+    if isinstance(values, torch.Tensor) and isinstance(scales, torch.Tensor):
+        return values, scales.float()
+    weight: torch.Tensor = head.weight
+    return int8_rows(weight.detach())
+
+
+def bf16_rows(weight: torch.Tensor) -> RowLookup:
+    """Exact rows from a full-precision (bf16) weight, widened only for the candidates."""
+    return lambda index: weight[index].float()

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from qwen_grpc.engine.head import LogitsHead
+from qwen_grpc.engine.fast_linear import can_pack_bf16, pack_bf16_linears
+from qwen_grpc.engine.head import LogitsHead, bf16_rows
 from qwen_grpc.engine.kv_cache import BatchKVCache
 from qwen_grpc.engine.quantize import quantize_int8
 
@@ -119,6 +120,42 @@ def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig
     return frozenset(ids)
 
 
+def release_checkpoint_mapping(model: torch.nn.Module) -> None:
+    """Copies the tensors still viewing the memory-mapped checkpoint, so it can be unmapped.
+
+    transformers maps safetensors files and hands out zero-copy views; after packing, the few
+    tensors left (embedding, norms) would otherwise keep every page of the file resident.
+    """
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, buffer.clone(), persistent=persistent)
+
+
+def _build_head(model: PreTrainedModel, precision: str) -> LogitsHead:
+    """Prepares the layers for the precision and returns the logits head to use.
+
+    float32 is the reference and stays as transformers runs it. bfloat16 packs the linears
+    for oneDNN; int8 quantizes them. Both rank the vocabulary with an int8 head and recompute
+    the top candidates exactly from the model's rows (bf16 weights, or int8 in int8 mode).
+    """
+    if precision == "float32":
+        return LogitsHead(model.get_output_embeddings())
+    if precision == "int8":
+        model = quantize_int8(model)
+        head = model.get_output_embeddings()
+        release_checkpoint_mapping(model)
+        return LogitsHead(head, exact_rows=head.rows)
+    head = model.get_output_embeddings()
+    if can_pack_bf16():
+        pack_bf16_linears(model, skip=head)
+    release_checkpoint_mapping(model)
+    return LogitsHead(head, exact_rows=bf16_rows(head.weight))
+
+
 def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
     """Loads weights with low peak memory in the requested precision."""
     if threads > 0:
@@ -129,8 +166,7 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
     model.eval()
-    if resolved == "int8":
-        model = quantize_int8(model)
+    head = _build_head(model, resolved)
     try:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
@@ -152,5 +188,5 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
         context_length=context_length,
         vocab_size=int(model.config.vocab_size),
         stop_token_ids=_stop_token_ids(tokenizer, generation_config),
-        head=LogitsHead(model.get_output_embeddings()),
+        head=head,
     )

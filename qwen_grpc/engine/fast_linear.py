@@ -1,0 +1,68 @@
+"""Faster CPU linears: oneDNN-packed bf16 weights, and fbgemm int8 for approximate logits.
+
+``F.linear`` with plain bf16 weights re-lays the weight out on every call; oneDNN's packed
+layout (what inductor's CPU freezing uses) skips that and, with identical results, runs a decode
+GEMV three to four times faster on AVX512-BF16 machines. fbgemm's int8 linear is faster still,
+but quantizing activations costs accuracy, so it only ranks candidates (see ``head.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+from torch.ao.nn.quantized import dynamic as quantized_dynamic
+from transformers import PreTrainedModel
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class PackedBf16Linear(nn.Module):
+    """A bf16 linear whose weight lives in oneDNN's blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available())
+
+
+def pack_bf16_linears(model: PreTrainedModel, skip: nn.Module | None) -> int:
+    """Swaps every ``nn.Linear`` but ``skip`` (the output head) for a packed one, in place."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not skip
+    ]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedBf16Linear(getattr(parent, child)))
+    _LOGGER.info("packed %d bf16 linear layers for oneDNN", len(names))
+    return len(names)
+
+
+def fbgemm_int8_linear(values: torch.Tensor, scales: torch.Tensor) -> nn.Module:
+    """An fbgemm dynamic-int8 linear (fp32 in, fp32 out) from per-row int8 weights."""
+    torch.backends.quantized.engine = "fbgemm"
+    out_features, in_features = values.shape
+    with warnings.catch_warnings():
+        # Quantized tensors are deprecated in favour of torchao, which has no fbgemm CPU path.
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(
+            values, scales.double(), torch.zeros(out_features, dtype=torch.long), 0
+        )
+    linear = quantized_dynamic.Linear(in_features, out_features, bias_=False, dtype=torch.qint8)
+    linear.set_weight_bias(qweight, None)
+    return linear
