@@ -238,3 +238,12 @@ def test_drain_finishes_in_flight_streams_and_refuses_new_calls(server_factory: 
     assert rest[-1].WhichOneof("event") == "final"
     stopper.join(30)
     assert not stopper.is_alive()
+
+
+def test_a_request_that_can_never_fit_the_kv_budget_is_invalid(server_factory: Any) -> None:
+    running = server_factory(kv_cache_tokens=300, max_prompt_tokens=200)
+    running.server.load()
+    with pytest.raises(grpc.RpcError) as caught:
+        running.stub.Chat(chat_pb2.ChatRequest(messages=user("Hello"), options=greedy(290)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "options.max_new_tokens" in bad_request_fields(caught.value)

@@ -24,6 +24,7 @@ from qwen_grpc.engine.errors import (
     DeadlineExceededError,
     EngineError,
     GenerationFailedError,
+    InvalidRequestError,
     OverloadedError,
     UnavailableError,
 )
@@ -176,10 +177,10 @@ class Engine:
             ),
         )
         if sequence.reserved_tokens > self.limits.kv_cache_tokens:
-            raise OverloadedError(
-                f"the request needs {sequence.reserved_tokens} KV-cache tokens and the budget "
-                f"is {self.limits.kv_cache_tokens}; shorten the prompt or max_new_tokens",
-                _RETRY_AFTER_SECONDS,
+            raise InvalidRequestError(
+                "options.max_new_tokens",
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
+                f"({max_new}) exceed the KV-cache budget of {self.limits.kv_cache_tokens} tokens",
             )
         with self._cond:
             if not self._accepting or not self.alive:
