@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen_grpc.engine.errors import OverloadedError
 from qwen_grpc.engine.model import LoadedModel, load_model
 from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.scheduler import Engine, RequestHandle, SchedulerLimits
@@ -199,3 +200,32 @@ def test_engine_thread_is_the_only_thread_running_the_model(
     finally:
         hook.remove()
     assert callers == {"qwen-engine"}
+
+
+def test_cancelled_requests_free_their_queue_place_while_the_batch_is_full(
+    tiny_model: LoadedModel,
+) -> None:
+    engine = Engine(
+        tiny_model,
+        SchedulerLimits(max_batch_size=1, max_queue=2),
+        SharedTokenizer(tiny_model.tokenizer),
+    )
+    engine.start()
+    try:
+        prompt = encode(engine, "Hi")
+        long = SamplingParams(max_new_tokens=500, greedy=True)
+        running = engine.submit(GenerationRequest("running", prompt, long))
+        next(iter(running))
+        queued = [engine.submit(GenerationRequest(f"q{i}", prompt, long)) for i in range(2)]
+        with pytest.raises(OverloadedError):
+            engine.submit(GenerationRequest("overflow", prompt, long))
+        for handle in queued:
+            handle.cancel()
+        deadline = time.monotonic() + 2
+        while engine.queued_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.queued_requests == 0
+        engine.submit(GenerationRequest("fits-again", prompt, long)).cancel()
+        running.cancel()
+    finally:
+        engine.stop()

@@ -242,21 +242,30 @@ class Engine:
                 self._cond.wait()
             if self._stopping:
                 return None
-            self._drop_rows_that_left(time.monotonic())
+            now = time.monotonic()
+            self._drop_rows_that_left(now)
+            self._drop_pending_that_left(now)
             return self._admit()
+
+    def _drop_pending_that_left(self, now: float) -> None:
+        """Frees queue places of requests cancelled or expired while they waited."""
+        if not any(seq.dropped_reason(now) for seq in self._pending):
+            return
+        waiting: collections.deque[_Sequence] = collections.deque()
+        for seq in self._pending:
+            reason = seq.dropped_reason(now)
+            if reason is None:
+                waiting.append(seq)
+            else:
+                seq.handle.put(reason)
+        self._pending = waiting
 
     def _admit(self) -> list[_Sequence]:
         """Takes queued requests, oldest first, while batch slots and the KV budget allow."""
         reserved = sum(seq.reserved_tokens for seq in self._rows)
         admitted: list[_Sequence] = []
-        now = time.monotonic()
         while self._pending and len(self._rows) + len(admitted) < self.limits.max_batch_size:
             candidate = self._pending[0]
-            reason = candidate.dropped_reason(now)
-            if reason is not None:
-                self._pending.popleft()
-                candidate.handle.put(reason)
-                continue
             if reserved + candidate.reserved_tokens > self.limits.kv_cache_tokens:
                 break
             self._pending.popleft()
