@@ -213,7 +213,7 @@ def test_cancelled_requests_free_their_queue_place_while_the_batch_is_full(
     engine.start()
     try:
         prompt = encode(engine, "Hi")
-        long = SamplingParams(max_new_tokens=500, greedy=True)
+        long = SamplingParams(max_new_tokens=1900, greedy=True)
         running = engine.submit(GenerationRequest("running", prompt, long))
         next(iter(running))
         queued = [engine.submit(GenerationRequest(f"q{i}", prompt, long)) for i in range(2)]
