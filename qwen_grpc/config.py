@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
@@ -228,6 +228,11 @@ def _parse_value(annotation: Any, raw: str) -> Any:
     return base(raw)
 
 
+def _flag_parser(annotation: Any) -> Callable[[str], Any]:
+    """The ``type=`` callable for one flag, bound to that field's annotation."""
+    return lambda raw: _parse_value(annotation, raw)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per settings field; unset flags stay ``None`` so env and defaults apply."""
     hints = _field_types()
@@ -241,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(
                 flag,
-                type=lambda raw, a=hints[f.name]: _parse_value(a, raw),
+                type=_flag_parser(hints[f.name]),
                 help=help_text,
                 metavar=f.name.upper(),
             )

@@ -6,6 +6,7 @@ Callers get all of their mistakes in one ``google.rpc.BadRequest`` rather than o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from transformers import GenerationConfig
@@ -61,11 +62,9 @@ def default_sampling(config: GenerationConfig, limits: RequestLimits) -> Samplin
     )
 
 
-def to_messages(
-    messages: list[chat_pb2.Message] | object, limits: RequestLimits
-) -> list[ChatMessage]:
+def to_messages(messages: Iterable[chat_pb2.Message], limits: RequestLimits) -> list[ChatMessage]:
     """Validates the conversation; raises :class:`ValidationError`."""
-    proto_messages = list(messages)  # type: ignore[call-overload]
+    proto_messages = list(messages)
     violations: list[FieldViolation] = []
     if not proto_messages:
         violations.append(FieldViolation("messages", "at least one message is required"))

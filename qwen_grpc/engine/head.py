@@ -51,7 +51,9 @@ def _int8_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     scales = getattr(head, "scales", None)
     if isinstance(values, torch.Tensor) and isinstance(scales, torch.Tensor):
         return values, scales.float()
-    weight: torch.Tensor = head.weight
+    weight = head.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(head).__name__}.weight is not a tensor")
     return int8_rows(weight.detach())
 
 

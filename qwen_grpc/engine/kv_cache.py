@@ -40,6 +40,12 @@ class GrowableLayer(DynamicLayer):
         self.keys = self._key_buffer[..., : self._length, :]
         self.values = self._value_buffer[..., : self._length, :]
 
+    def _states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exposed keys and values, which exist once the layer has been initialized."""
+        if self.keys is None or self.values is None:
+            raise RuntimeError("the cache layer has not been initialized")
+        return self.keys, self.values
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,23 +56,26 @@ class GrowableLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
         if self._length + new > self._key_buffer.shape[-2]:
-            self._set(self.keys, self.values, spare=max(_GROWTH_COLUMNS, new))
+            self._set(*self._states(), spare=max(_GROWTH_COLUMNS, new))
         end = self._length + new
         self._key_buffer[..., self._length : end, :] = key_states
         self._value_buffer[..., self._length : end, :] = value_states
         self._length = end
         self._expose()
-        return self.keys, self.values
+        return self._states()
 
     def select_rows(self, rows: torch.Tensor, drop_left: int) -> None:
         """Keeps ``rows`` and drops ``drop_left`` leading columns that are padding in all of them."""
-        self._set(self.keys[rows, :, drop_left:], self.values[rows, :, drop_left:])
+        keys, values = self._states()
+        self._set(keys[rows, :, drop_left:], values[rows, :, drop_left:])
 
     def append_rows(self, other: GrowableLayer) -> None:
         """Stacks another cache's rows under ours, left-padding whichever is shorter."""
         width = max(self._length, other._length)
-        keys = torch.cat([_left_pad(self.keys, width), _left_pad(other.keys, width)])
-        values = torch.cat([_left_pad(self.values, width), _left_pad(other.values, width)])
+        own_keys, own_values = self._states()
+        other_keys, other_values = other._states()
+        keys = torch.cat([_left_pad(own_keys, width), _left_pad(other_keys, width)])
+        values = torch.cat([_left_pad(own_values, width), _left_pad(other_values, width)])
         self._set(keys, values)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import cast
 
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
 
 from qwen_grpc.engine.types import ChatMessage
 
@@ -25,8 +26,12 @@ class SharedTokenizer:
         """Prompt ids with the model's chat template and the assistant generation prompt."""
         conversation = [{"role": str(m.role), "content": m.content} for m in messages]
         with self._lock:
-            encoded = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            # tokenize=True with return_dict=True returns a BatchEncoding; the stub is a union.
+            encoded = cast(
+                BatchEncoding,
+                self._tokenizer.apply_chat_template(
+                    conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+                ),
             )
         return list(encoded["input_ids"])
 

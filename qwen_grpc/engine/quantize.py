@@ -14,6 +14,7 @@ embedding keeps its own int8 table for lookups, so untying it from ``lm_head`` c
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from torch import nn
@@ -41,6 +42,11 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """``y = x @ (values * scales).T + bias`` without ever materializing the wide weight."""
 
+    # Registered as buffers in __init__; declared so the type checker sees tensors, not Modules.
+    values: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
         values, scales = int8_rows(linear.weight.detach())
@@ -66,6 +72,9 @@ class Int8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """An int8 embedding table with per-row scales; lookups come out in the model's dtype."""
 
+    values: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, embedding: nn.Embedding, dtype: torch.dtype) -> None:
         super().__init__()
         values, scales = int8_rows(embedding.weight.detach())
@@ -81,7 +90,8 @@ class Int8Embedding(nn.Module):
 def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
     """Replaces the embedding and every linear layer, ``lm_head`` included, in place."""
     dtype = next(model.parameters()).dtype
-    model.set_input_embeddings(Int8Embedding(model.get_input_embeddings(), dtype))
+    embedding = cast(nn.Embedding, model.get_input_embeddings())  # typed as nn.Module upstream
+    model.set_input_embeddings(Int8Embedding(embedding, dtype))
     model.config.tie_word_embeddings = False
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name in names:
