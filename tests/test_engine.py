@@ -229,3 +229,23 @@ def test_cancelled_requests_free_their_queue_place_while_the_batch_is_full(
         running.cancel()
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype: str) -> None:
+    model = load_model(tiny_model_dir, dtype, threads=0)
+    engine = Engine(model, SchedulerLimits(), SharedTokenizer(model.tokenizer))
+    engine.start()
+    try:
+        handles = [
+            engine.submit(
+                GenerationRequest(
+                    f"{dtype}-{i}", encode(engine, p), SamplingParams(max_new_tokens=6, greedy=True)
+                )
+            )
+            for i, p in enumerate(PROMPTS)
+        ]
+        finals = [collect(h)[1] for h in handles]
+    finally:
+        engine.stop()
+    assert all(1 <= f.usage.completion_tokens <= 6 for f in finals)

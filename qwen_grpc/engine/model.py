@@ -18,7 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from qwen_grpc.engine.fast_linear import can_pack_bf16, pack_bf16_linears
 from qwen_grpc.engine.head import LogitsHead, bf16_rows
 from qwen_grpc.engine.kv_cache import BatchKVCache
-from qwen_grpc.engine.quantize import quantize_int8
+from qwen_grpc.engine.quantize import Int8Linear, quantize_int8
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -148,7 +148,9 @@ def _build_head(model: PreTrainedModel, precision: str) -> LogitsHead:
         model = quantize_int8(model)
         head = model.get_output_embeddings()
         release_checkpoint_mapping(model)
-        return LogitsHead(head, exact_rows=head.rows)
+        if isinstance(head, Int8Linear):
+            return LogitsHead(head, exact_rows=head.rows)
+        return LogitsHead(head, exact_rows=bf16_rows(head.weight))
     head = model.get_output_embeddings()
     if can_pack_bf16():
         pack_bf16_linears(model, skip=head)

@@ -22,6 +22,8 @@ from transformers import PreTrainedModel
 
 _LOGGER = logging.getLogger(__name__)
 _ROWS_PER_BLOCK = 4096
+# aten._weight_int8pack_mm crashes the process on other input widths; such layers stay as they are.
+_KERNEL_K_MULTIPLE = 16
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,11 @@ def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
     embedding = cast(nn.Embedding, model.get_input_embeddings())  # typed as nn.Module upstream
     model.set_input_embeddings(Int8Embedding(embedding, dtype))
     model.config.tie_word_embeddings = False
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.in_features % _KERNEL_K_MULTIPLE == 0
+    ]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
