@@ -15,7 +15,7 @@ VOCAB_SHA256 := 0602d1800f7433bdb7953560986eaf5146454ed3988636c0a91963ba24e74258
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: help install models run test lint proto proto-check bench clean
+.PHONY: help install models run test lint proto bench reliability clean
 
 help:
 	@echo "make run      install, fetch the demo model, serve on $(HOST):$(PORT)"
@@ -23,6 +23,7 @@ help:
 	@echo "make proto    regenerate the gRPC stubs from proto/"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    benchmark (writes bench/results/)"
+	@echo "make reliability  load, fault, drain and soak scenarios (writes reliability/results/)"
 
 install: $(VENV)/.installed
 
@@ -61,8 +62,16 @@ lint: install
 proto: install
 	$(BIN)/python tools/generate_proto.py qwen_grpc/v1
 
-bench: install models
+# The benchmark's peers (llama.cpp is built from source: minutes on 2 cores) stay out of `install`.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed models
 	$(BIN)/python -m bench.run
+
+reliability: install models
+	$(BIN)/python -m reliability.run
 
 clean:
 	rm -rf $(VENV) $(QWEN_GRPC_CACHE_DIR) .pytest_cache

@@ -22,7 +22,13 @@ def test_bench_writes_results_with_the_five_ratio_keys(cache_dir: Path, tmp_path
         [
             *("--shape", "tiny", "--concurrency", "1,2", "--min-requests", "2"),
             *("--max-new-tokens", "4", "--rss-streams", "2", "--rss-new-tokens", "4"),
-            *("--skip-transformers", "--skip-engine", "--skip-llamacpp"),
+            *(
+                "--skip-transformers",
+                "--skip-engine",
+                "--skip-llamacpp",
+                "--quiet-start-below",
+                "0",
+            ),
             *("--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--log-level", "WARNING"),
         ]
     )

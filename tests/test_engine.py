@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_grpc.engine.errors import OverloadedError
+from qwen_grpc.engine import scheduler
+from qwen_grpc.engine.errors import GenerationFailedError, OverloadedError
 from qwen_grpc.engine.model import LoadedModel, load_model
 from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.sampling import TokenSampler
 from qwen_grpc.engine.scheduler import Engine, RequestHandle, SchedulerLimits
 from qwen_grpc.engine.text import IncrementalDetokenizer, StopSequenceMatcher
 from qwen_grpc.engine.types import (
@@ -249,3 +251,35 @@ def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype:
     finally:
         engine.stop()
     assert all(1 <= f.usage.completion_tokens <= 6 for f in finals)
+
+
+def test_a_failure_in_one_sequence_leaves_its_batch_neighbours_running(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FaultySampler(TokenSampler):
+        """Fails on the third token of the request seeded 666."""
+
+        def __init__(self, params: SamplingParams, *args: object) -> None:
+            super().__init__(params, *args)  # type: ignore[arg-type]
+            self.calls = 0
+            self.faulty = params.seed == 666
+
+        def sample(self, logits: torch.Tensor) -> int:
+            self.calls += 1
+            if self.faulty and self.calls == 3:
+                raise RuntimeError("injected fault")
+            return super().sample(logits)
+
+    monkeypatch.setattr(scheduler, "TokenSampler", FaultySampler)
+    params = SamplingParams(max_new_tokens=12, greedy=True)
+    alone = collect(engine.submit(GenerationRequest("alone", encode(engine, PROMPTS[1]), params)))
+    neighbours = [
+        engine.submit(GenerationRequest(f"n{i}", encode(engine, PROMPTS[1]), params))
+        for i in range(3)
+    ]
+    faulty = engine.submit(
+        GenerationRequest("faulty", encode(engine, PROMPTS[2]), SamplingParams(12, seed=666))
+    )
+    with pytest.raises(GenerationFailedError):
+        collect(faulty)
+    assert [collect(h) for h in neighbours] == [alone] * 3

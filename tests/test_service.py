@@ -247,3 +247,26 @@ def test_a_request_that_can_never_fit_the_kv_budget_is_invalid(server_factory: A
         running.stub.Chat(chat_pb2.ChatRequest(messages=user("Hello"), options=greedy(290)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "options.max_new_tokens" in bad_request_fields(caught.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x0a\x05\x08\x02\x12\x01\xff", b"\x0a\x05\x08"],
+    ids=["invalid-utf8-content", "truncated-message"],
+)
+@pytest.mark.parametrize("method", ["Chat", "StreamChat"])
+def test_bytes_that_do_not_parse_are_invalid_argument_not_internal(
+    tiny_server: RunningServer, payload: bytes, method: str
+) -> None:
+    path = f"/qwen.chat.v1.ChatService/{method}"
+    raw = (
+        tiny_server.channel.unary_stream(path)
+        if method == "StreamChat"
+        else tiny_server.channel.unary_unary(path)
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        response = raw(payload, timeout=10)
+        if method == "StreamChat":
+            list(response)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request" in bad_request_fields(caught.value)

@@ -283,11 +283,7 @@ class Engine:
                 ", ".join(seq.request.request_id for seq in affected),
             )
             for seq in affected:
-                seq.handle.put(
-                    GenerationFailedError(
-                        f"generation failed (request id {seq.request.request_id})"
-                    )
-                )
+                seq.handle.put(_failure(seq))
             self._reset_batch()
 
     def _observe(self, kind: str, batch_size: int, tokens: int, started: float) -> None:
@@ -300,7 +296,7 @@ class Engine:
         logits, cache, mask = self.model.prefill(prompts)
         self._observe("prefill", len(joiners), sum(len(p) for p in prompts), started)
         for row, seq in enumerate(joiners):
-            self._accept_token(seq, logits[row])
+            self._accept_token_isolated(seq, logits[row])
         survivors = [row for row, seq in enumerate(joiners) if not seq.finished]
         if not survivors:
             return
@@ -330,9 +326,18 @@ class Engine:
         self._observe("decode", len(self._rows), len(self._rows), started)
         self._positions += 1
         for row, seq in enumerate(self._rows):
-            self._accept_token(seq, logits[row])
+            self._accept_token_isolated(seq, logits[row])
         self.last_progress = time.monotonic()
         self._drop_rows_that_left(time.monotonic())
+
+    def _accept_token_isolated(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """A failure in one sequence's sampling or text handling ends that sequence only."""
+        try:
+            self._accept_token(seq, logits)
+        except Exception:
+            _LOGGER.exception("generation failed for request %s", seq.request.request_id)
+            seq.finished = True
+            seq.handle.put(_failure(seq))
 
     def _accept_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Samples, emits text, and decides whether the sequence is done."""
@@ -396,6 +401,10 @@ class Engine:
         for seq in waiting:
             if not seq.finished:
                 seq.handle.put(error)
+
+
+def _failure(seq: _Sequence) -> GenerationFailedError:
+    return GenerationFailedError(f"generation failed (request id {seq.request.request_id})")
 
 
 def _shared_left_padding(mask: torch.Tensor) -> int:

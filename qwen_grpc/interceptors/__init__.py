@@ -4,6 +4,7 @@
 
 1. access log: sees every outcome, including the refusals of the interceptors below it;
 2. errors: no stray exception reaches the caller as UNKNOWN;
+   malformed: bytes that do not parse are INVALID_ARGUMENT, not gRPC's INTERNAL;
 3. auth (when tokens are configured): who is calling, before anything is spent on them;
 4. deadlines: a hopeless call is refused before it takes a rate-limit token or a slot;
 5. rate limit: per-client token bucket and the global cap on concurrent generations.
@@ -18,6 +19,7 @@ from qwen_grpc.interceptors.access_log import AccessLogInterceptor, CallObserver
 from qwen_grpc.interceptors.auth import AuthInterceptor, BearerTokens
 from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
 from qwen_grpc.interceptors.errors import ErrorInterceptor
+from qwen_grpc.interceptors.malformed import MalformedRequestInterceptor
 from qwen_grpc.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
 
 __all__ = ["build_interceptors"]
@@ -30,6 +32,7 @@ def build_interceptors(
     chain: list[grpc.ServerInterceptor] = [
         AccessLogInterceptor(settings.log_content, settings.log_health_checks, observer),
         ErrorInterceptor(),
+        MalformedRequestInterceptor(),
     ]
     tokens = BearerTokens.from_sources(settings.auth_tokens_file, settings.auth_tokens)
     if tokens:
