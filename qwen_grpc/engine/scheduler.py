@@ -226,9 +226,9 @@ class Engine:
                     break
                 self.last_progress = time.monotonic()
                 if joiners:
-                    self._guarded(joiners, functools.partial(self._prefill, joiners))
+                    self._guarded(joiners, functools.partial(self._prefill, joiners), False)
                 if self._rows:
-                    self._guarded(list(self._rows), self._decode_step)
+                    self._guarded(list(self._rows), self._decode_step, True)
         except BaseException:
             _LOGGER.exception("the engine thread died")
         finally:
@@ -273,8 +273,15 @@ class Engine:
             admitted.append(candidate)
         return admitted
 
-    def _guarded(self, affected: list[_Sequence], step: Callable[[], None]) -> None:
-        """Runs a step; a failure fails only the sequences in it and resets the batch."""
+    def _guarded(
+        self, affected: list[_Sequence], step: Callable[[], None], batch_at_risk: bool
+    ) -> None:
+        """Runs a step; a failure fails only the sequences in it.
+
+        A failed decode step leaves the batch's cache half-written, so the batch goes with it
+        (``batch_at_risk``); a failed prefill has touched only the joiners' own cache, and the
+        running batch carries on.
+        """
         try:
             step()
         except Exception:
@@ -283,8 +290,11 @@ class Engine:
                 ", ".join(seq.request.request_id for seq in affected),
             )
             for seq in affected:
-                seq.handle.put(_failure(seq))
-            self._reset_batch()
+                if not seq.finished:
+                    seq.finished = True
+                    seq.handle.put(_failure(seq))
+            if batch_at_risk:
+                self._reset_batch()
 
     def _observe(self, kind: str, batch_size: int, tokens: int, started: float) -> None:
         if self.observer is not None:
@@ -306,6 +316,18 @@ class Engine:
             cache.select_rows(survivors, drop_left)
             mask = mask[survivors, drop_left:]
         positions = torch.tensor([len(seq.request.prompt_ids) for seq in kept], dtype=torch.long)
+        self._guarded(
+            self._rows + kept, functools.partial(self._merge, kept, cache, mask, positions), True
+        )
+
+    def _merge(
+        self,
+        kept: list[_Sequence],
+        cache: BatchKVCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Adds prefilled sequences to the running batch (both caches, masks and positions)."""
         if self._cache is None:
             self._cache, self._mask, self._positions = cache, mask, positions
         else:
