@@ -1,0 +1,93 @@
+"""``python -m bench.profile_step``: where one decode step's time goes, by torch operator.
+
+When a target is missed, the benchmark's step timers say *whether* the model forward pass or
+the service around it is slow; this says *which* part of the forward pass (linear layers,
+attention, the logits head, cache copies) takes the time, at the batch sizes the bench uses.
+It drives the same ``LoadedModel.prefill``/``decode`` the engine calls, without gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.prompts import build_prompts
+
+_LOGGER = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def profile_decode(
+    model_dir: Path, dtype: str, batch: int, steps: int, top: int, skip: int = 0
+) -> str:
+    """Prefills ``batch`` 64-token prompts, decodes ``skip`` steps, profiles ``steps`` more.
+
+    ``skip`` moves the profile late into long answers (the memory run's 512 tokens), where the
+    KV cache, not the weights, may dominate a step.
+    """
+    from qwen_grpc.engine.model import load_model
+
+    loaded = load_model(model_dir, dtype, 0)
+    prompts = build_prompts(loaded.tokenizer, batch, 64)
+    logits, cache, mask = loaded.prefill([list(p.token_ids) for p in prompts])
+    positions = torch.full((batch,), 64, dtype=torch.long)
+    tokens = logits.argmax(-1)
+
+    def step() -> None:
+        nonlocal mask, tokens, positions
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        tokens = loaded.decode(tokens, cache, mask, positions).argmax(-1)
+        positions = positions + 1
+
+    for _ in range(3 + skip):  # warm-up, then move along the answer
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_ms = 1000 * (time.perf_counter() - started) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return (
+        f"{loaded.dtype}, batch {batch}, context {64 + 3 + skip}: {step_ms:.1f} ms per decode step "
+        f"({batch * 1000 / step_ms:.1f} tok/s aggregate, {torch.get_num_threads()} threads)\n{table}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cache = Path(os.environ.get("QWEN_GRPC_CACHE_DIR", REPO_ROOT / ".cache"))
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__)
+    parser.add_argument("--dtype", default="auto", help="precision mode (default: auto)")
+    parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps to time and profile")
+    parser.add_argument("--top", type=int, default=15, help="operators to list")
+    parser.add_argument(
+        "--skip-steps", type=int, default=0, help="decode steps to run before profiling"
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=cache / "bench-models" / "qwen1.5-0.5b-random",
+        help="model folder (default: the benchmark's Qwen-shaped model)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    for batch in (int(b) for b in args.batch.split(",")):
+        sys.stdout.write(
+            profile_decode(args.model_dir, args.dtype, batch, args.steps, args.top, args.skip_steps)
+        )
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The five headline ratios of issue 3 and whether each meets its target.
+
+Each ratio is computed from measurements of the same run, so machine load that slows one engine
+slows its peers in the same hour; a missing measurement gives ``None`` rather than a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RATIO_KEYS = (
+    "single_stream_vs_llamacpp_q8",
+    "ttft_vs_llamacpp_q8_prefill",
+    "aggregate8_vs_llamacpp_q8_single",
+    "service_overhead",
+    "peak_rss_gb",
+)
+TARGETS: dict[str, tuple[str, float]] = {
+    "single_stream_vs_llamacpp_q8": (">=", 1.2),
+    "ttft_vs_llamacpp_q8_prefill": ("<=", 0.5),
+    "aggregate8_vs_llamacpp_q8_single": (">=", 5.0),
+    "service_overhead": ("<=", 0.05),
+    "peak_rss_gb": ("<=", 1.5),
+}
+
+
+def _level(grpc_run: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
+    for level in grpc_run.get("levels", []):
+        if level["concurrency"] == concurrency:
+            return dict(level["summary"])
+    return None
+
+
+def _div(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 4)
+
+
+def compute_ratios(
+    grpc_run: dict[str, Any] | None,
+    engine_run: dict[str, Any] | None,
+    llamacpp_q8: dict[str, Any] | None,
+) -> dict[str, float | None]:
+    """The ratios of one precision mode's gRPC run against its peers, keys as issue 3 names them."""
+    grpc_run = grpc_run or {}
+    single = _level(grpc_run, 1) or {}
+    eight = _level(grpc_run, 8) or {}
+    q8 = (llamacpp_q8 or {}).get("summary", {})
+    q8_prefill = (llamacpp_q8 or {}).get("prefill_ms")
+    engine = (engine_run or {}).get("summary", {})
+    single_rate = single.get("decode_tok_s_p50")
+    engine_rate = engine.get("decode_tok_s_p50")
+    overhead = None
+    if single_rate is not None and engine_rate:
+        overhead = round(1.0 - single_rate / engine_rate, 4)
+    peak = (grpc_run.get("rss_run") or {}).get("peak_rss_bytes")
+    return {
+        "single_stream_vs_llamacpp_q8": _div(single_rate, q8.get("decode_tok_s_p50")),
+        "ttft_vs_llamacpp_q8_prefill": _div(single.get("ttft_ms_p50"), q8_prefill),
+        "aggregate8_vs_llamacpp_q8_single": _div(
+            eight.get("aggregate_decode_tok_s"), q8.get("decode_tok_s_p50")
+        ),
+        "service_overhead": overhead,
+        "peak_rss_gb": None if peak is None else round(peak / 1e9, 3),
+    }
+
+
+def check_targets(ratios: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Each ratio next to its target and a verdict (``None`` when it was not measured)."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for key, (op, bound) in TARGETS.items():
+        value = ratios.get(key)
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        verdicts[key] = {"value": value, "target": f"{op} {bound}", "met": met}
+    return verdicts

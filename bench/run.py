@@ -1,0 +1,353 @@
+"""``python -m bench.run``: the whole benchmark of issue 3 in one command (``make bench``).
+
+Steps: build (or reuse) the Qwen-shaped random-weight model; for each precision mode start the
+real server and drive it over gRPC, then time the engine in process on the same weights; time
+transformers eager ``generate`` in float32 (the seed's way); convert the weights to GGUF bf16 and
+Q8_0 and time llama.cpp; compute the ratios; write ``bench/results/latest.{json,md,png}``.
+Every baseline runs in its own process, one after another, so none competes for the two cores.
+A failing peer is recorded as an error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import llamacpp
+from bench.grpc_bench import LoadPlan, bench_server
+from bench.inprocess import engine_single_stream, transformers_eager
+from bench.isolate import run_isolated
+from bench.machine import cpu_pressure, load_average, machine_info
+from bench.prompts import BenchPrompt, build_prompts
+from bench.quiet import Quiet, cpu_stall_us
+from bench.ratios import check_targets, compute_ratios
+from bench.report import write_results
+from bench.stats import summarize
+
+_LOGGER = logging.getLogger("bench")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _csv_ints(raw: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in raw.split(",") if part.strip())
+
+
+def _csv_dtypes(raw: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for name in names:
+        if name not in (*DTYPES, "default"):
+            raise argparse.ArgumentTypeError(f"{name!r}: choose from default, {', '.join(DTYPES)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    cache = Path(os.environ.get("QWEN_GRPC_CACHE_DIR", REPO_ROOT / ".cache"))
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    add = parser.add_argument
+    add(
+        "--dtypes",
+        type=_csv_dtypes,
+        default=("default",),
+        help="precision modes to serve, comma-separated; 'default' is the server's own default; "
+        "the first one gives the ratios (default: default)",
+    )
+    add(
+        "--concurrency",
+        type=_csv_ints,
+        default=(1, 2, 4, 8, 16),
+        help="concurrent streams per level (default: 1,2,4,8,16)",
+    )
+    add(
+        "--min-requests",
+        type=int,
+        default=8,
+        help="requests per level at least; each stream sends ceil(this / concurrency) (default: 8)",
+    )
+    add("--max-new-tokens", type=int, default=128, help="tokens per request (default: 128)")
+    add(
+        "--prompt-tokens",
+        type=int,
+        default=64,
+        help="prompt length after the chat template (default: 64)",
+    )
+    add(
+        "--rss-streams",
+        type=int,
+        default=8,
+        help="streams of the peak-memory run; 0 skips it (default: 8)",
+    )
+    add(
+        "--rss-new-tokens",
+        type=int,
+        default=512,
+        help="tokens per stream in the peak-memory run (default: 512)",
+    )
+    add(
+        "--baseline-repeats",
+        type=int,
+        default=3,
+        help="timed generations per in-process baseline (default: 3)",
+    )
+    add("--llamacpp-threads", type=int, default=2, help="llama.cpp n_threads (default: 2)")
+    add(
+        "--shape",
+        choices=("qwen1.5-0.5b", "tiny"),
+        default="qwen1.5-0.5b",
+        help="model shape; 'tiny' only for smoke tests (default: qwen1.5-0.5b)",
+    )
+    add(
+        "--cache-dir",
+        type=Path,
+        default=cache,
+        help="holds wheels/ and bench-models/ (default: $QWEN_GRPC_CACHE_DIR or ./.cache)",
+    )
+    add(
+        "--out-dir",
+        type=Path,
+        default=REPO_ROOT / "bench" / "results",
+        help="where latest.json/.md/.png go (default: bench/results)",
+    )
+    add(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `qwen_grpc serve`, repeatable (e.g. --server-arg=--max-batch-size=16)",
+    )
+    add(
+        "--call-timeout", type=float, default=600.0, help="gRPC deadline per call, s (default: 600)"
+    )
+    add(
+        "--quiet-start-below",
+        type=float,
+        default=10.0,
+        help="start each measurement after a 2 s window with less CPU stall (PSI) than this "
+        "%%; 0 disables waiting (default: 10)",
+    )
+    add(
+        "--quiet-max-wait",
+        type=float,
+        default=60.0,
+        help="longest wait for such a window, s (default: 60)",
+    )
+    add(
+        "--redo-above",
+        type=float,
+        default=25.0,
+        help="redo a measurement that ran under more CPU stall than this %%; 0: never "
+        "(default: 25)",
+    )
+    add("--retries", type=int, default=1, help="most redos per measurement (default: 1)")
+    add("--skip-grpc", action="store_true", help="skip the server (baselines only)")
+    add("--skip-transformers", action="store_true", help="skip the transformers baseline")
+    add("--skip-engine", action="store_true", help="skip the in-process engine baseline")
+    add("--skip-llamacpp", action="store_true", help="skip llama.cpp")
+    add("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def _quiet(args: argparse.Namespace) -> Quiet:
+    return Quiet(args.quiet_start_below, args.quiet_max_wait, args.redo_above, args.retries)
+
+
+def _guarded(what: str, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs one measurement; a failure is logged and recorded instead of ending the run."""
+    started, stall_before = time.perf_counter(), cpu_stall_us()
+    try:
+        result = step()
+    except Exception as exc:
+        _LOGGER.exception("%s failed", what)
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    elapsed, stall_after = time.perf_counter() - started, cpu_stall_us()
+    _LOGGER.info("%s done in %.0f s", what, elapsed)
+    if stall_before is not None and stall_after is not None:
+        result.setdefault(
+            "cpu_stall_share_whole_step", round((stall_after - stall_before) / 1e6 / elapsed, 3)
+        )
+    return result
+
+
+def _isolated_baseline(
+    function: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any
+) -> dict[str, Any]:
+    """Runs a baseline in its own process; its raw timings become a summary plus records."""
+    raw = run_isolated(function, *args, **kwargs)
+    timings = raw.pop("timings")
+    origin = min(t.start for t in timings)
+    return {**raw, "summary": summarize(timings), "streams": [t.to_dict(origin) for t in timings]}
+
+
+def _default_dtype() -> str:
+    """The precision the server picks when no ``--dtype`` is given, resolved for this CPU."""
+    from qwen_grpc.config import Settings
+    from qwen_grpc.engine.model import resolve_dtype
+
+    return resolve_dtype(Settings().dtype)
+
+
+def _dtype_runs(requested: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(name, flag) pairs without duplicates; the default mode runs without a ``--dtype`` flag."""
+    default = _default_dtype()
+    runs: list[tuple[str, str | None]] = []
+    for name in requested:
+        run = (default, None) if name in ("default", default) else (name, name)
+        if run[0] not in (existing for existing, _ in runs):
+            runs.append(run)
+    return runs
+
+
+def _load_prompts(model_dir: Path, count: int, prompt_tokens: int) -> list[BenchPrompt]:
+    from transformers import AutoTokenizer
+
+    return build_prompts(AutoTokenizer.from_pretrained(model_dir), count, prompt_tokens)
+
+
+def _llamacpp(args: argparse.Namespace, model_dir: Path, prompt: BenchPrompt) -> dict[str, Any]:
+    version = llamacpp.installed_version()
+    if version is None:
+        message = "llama-cpp-python is not installed (pip install -e '.[bench]')"
+        _LOGGER.warning("%s; skipping llama.cpp", message)
+        return {"error": message}
+    results: dict[str, Any] = {"version": version}
+    models = args.cache_dir / "bench-models"
+    for outtype in ("bf16", "q8_0"):
+
+        def step(outtype: str = outtype) -> dict[str, Any]:
+            path = llamacpp.convert(model_dir, models, outtype, version)
+            return _isolated_baseline(
+                llamacpp.measure,
+                path,
+                prompt.token_ids,
+                args.max_new_tokens,
+                args.baseline_repeats,
+                args.llamacpp_threads,
+                quiet=_quiet(args),
+            )
+
+        results[outtype] = _guarded(f"llama.cpp {outtype}", step)
+    return results
+
+
+def _serving(
+    args: argparse.Namespace,
+    runs: Sequence[tuple[str, str | None]],
+    model_dir: Path,
+    prompts: Sequence[BenchPrompt],
+    plan: LoadPlan,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per precision mode: the server over gRPC, then the same engine in process."""
+    grpc_runs: dict[str, Any] = {}
+    engine_runs: dict[str, Any] = {}
+    for name, flag in runs:
+        if args.skip_grpc:
+            grpc_runs[name] = {"error": "skipped (--skip-grpc)"}
+        else:
+            log_path = args.cache_dir / "bench-logs" / f"server-{name}.log"
+            grpc_runs[name] = _guarded(
+                f"gRPC {name}",
+                functools.partial(
+                    bench_server, model_dir, flag, prompts, plan, args.cache_dir, log_path
+                ),
+            )
+        if not args.skip_engine:
+            engine_runs[name] = _guarded(
+                f"engine in-process {name}",
+                functools.partial(
+                    _isolated_baseline,
+                    engine_single_stream,
+                    model_dir,
+                    flag,
+                    prompts[0].token_ids,
+                    args.max_new_tokens,
+                    args.baseline_repeats,
+                    quiet=_quiet(args),
+                ),
+            )
+    return grpc_runs, engine_runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema_version": 1,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()
+        },
+    }
+    from qwen_grpc.engine.synthetic import build_random_qwen
+
+    model_dir = build_random_qwen(
+        args.cache_dir / "bench-models" / f"{args.shape}-random", args.cache_dir, args.shape
+    )
+    results["model"] = {"shape": args.shape, "dir": str(model_dir)}
+    prompts = _load_prompts(model_dir, max(*args.concurrency, args.rss_streams), args.prompt_tokens)
+    results["prompts"] = {
+        "count": len(prompts),
+        "prompt_tokens": args.prompt_tokens,
+        "first": prompts[0].text,
+    }
+    plan = LoadPlan(
+        concurrency=args.concurrency,
+        min_requests=args.min_requests,
+        max_new_tokens=args.max_new_tokens,
+        rss_streams=args.rss_streams,
+        rss_new_tokens=args.rss_new_tokens,
+        call_timeout_s=args.call_timeout,
+        server_args=tuple(args.server_arg),
+        quiet=_quiet(args),
+    )
+    runs = _dtype_runs(args.dtypes)
+    results["primary_dtype"] = runs[0][0]
+    results["grpc"], results["engine_inprocess"] = _serving(args, runs, model_dir, prompts, plan)
+    if not args.skip_transformers:
+        results["transformers_eager"] = {
+            "float32": _guarded(
+                "transformers eager float32",
+                functools.partial(
+                    _isolated_baseline,
+                    transformers_eager,
+                    model_dir,
+                    "float32",
+                    prompts[0].token_ids,
+                    args.max_new_tokens,
+                    args.baseline_repeats,
+                    quiet=_quiet(args),
+                ),
+            )
+        }
+    if not args.skip_llamacpp:
+        results["llamacpp"] = _llamacpp(args, model_dir, prompts[0])
+    primary = results["primary_dtype"]
+    results["ratios"] = compute_ratios(
+        results["grpc"].get(primary),
+        results["engine_inprocess"].get(primary),
+        results.get("llamacpp", {}).get("q8_0"),
+    )
+    results["targets"] = check_targets(results["ratios"])
+    results["machine"]["load_average_end"] = load_average()
+    results["machine"]["cpu_pressure_avg60_end"] = cpu_pressure()
+    results["duration_s"] = round(time.perf_counter() - started, 1)
+    markdown = write_results(results, args.out_dir)
+    sys.stdout.write(markdown)
+    _LOGGER.info("wrote %s in %.1f min", args.out_dir / "latest.json", results["duration_s"] / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
