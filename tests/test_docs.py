@@ -19,7 +19,7 @@ def test_readme_settings_table_matches_the_settings() -> None:
 def test_every_make_target_the_readme_names_exists() -> None:
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.MULTILINE))
-    named = set(re.findall(r"make ([a-z-]+)", README))
+    named = set(re.findall(r"(?:^|`)make ([a-z-]+)", README, flags=re.MULTILINE))
     assert named <= targets, named - targets
 
 

@@ -87,7 +87,7 @@ def test_chat_answers_paris(demo_server: DemoServer) -> None:  # noqa: F811
     (response,) = json_stream(run_script(demo_server, "chat.sh"))
     assert response["message"]["role"] == "ROLE_ASSISTANT"
     assert "Paris" in response["message"]["content"]
-    assert response["finish_reason"] == "FINISH_REASON_STOP"
+    assert response["finishReason"] == "FINISH_REASON_STOP"  # proto3 JSON names
 
 
 def test_stream_chat_prints_deltas_then_a_final(demo_server: DemoServer) -> None:  # noqa: F811
@@ -96,4 +96,4 @@ def test_stream_chat_prints_deltas_then_a_final(demo_server: DemoServer) -> None
     assert all(set(message) == {"delta"} for message in deltas)
     assert "Paris" in "".join(message["delta"] for message in deltas)
     assert set(final) == {"final"}
-    assert final["final"]["usage"]["completion_tokens"] > 0
+    assert final["final"]["usage"]["completionTokens"] > 0
