@@ -68,7 +68,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench: $(VENV)/.bench-installed models
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 reliability: install models
 	$(BIN)/python -m reliability.run

@@ -96,6 +96,8 @@ def run_level(
             for _ in range(requests_per_worker):
                 try:
                     timing = stream_once(stub, prompt, max_new_tokens, timeout_s)
+                except ValueError:  # the channel closed under us: the bench is exiting
+                    return
                 except (grpc.RpcError, RuntimeError) as exc:
                     detail = (
                         f"{exc.code().name}: {exc.details()}"

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 
-def _load_like_the_server(model_dir: Path, dtype: str, threads: int) -> LoadedModel:
+def load_like_the_server(model_dir: Path, dtype: str, threads: int) -> LoadedModel:
     """``load_model`` on a helper thread, as the server's ``model-loader`` thread does.
 
     Which thread loads the model changes decode speed on this machine: loaded on the main
@@ -76,7 +76,7 @@ def engine_single_stream(
 
     settings = Settings() if dtype is None else Settings(dtype=dtype)  # type: ignore[arg-type]
     started = time.perf_counter()
-    model = _load_like_the_server(model_dir, settings.dtype, settings.threads)
+    model = load_like_the_server(model_dir, settings.dtype, settings.threads)
     load_s = time.perf_counter() - started
     engine = Engine(
         model,

@@ -12,30 +12,31 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.inprocess import load_like_the_server
 from bench.prompts import build_prompts
+
+if TYPE_CHECKING:
+    from qwen_grpc.engine.model import LoadedModel
 
 _LOGGER = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def profile_decode(
-    model_dir: Path, dtype: str, batch: int, steps: int, top: int, skip: int = 0
-) -> str:
+def profile_decode(loaded: LoadedModel, batch: int, steps: int, top: int, skip: int = 0) -> str:
     """Prefills ``batch`` 64-token prompts, decodes ``skip`` steps, profiles ``steps`` more.
 
     ``skip`` moves the profile late into long answers (the memory run's 512 tokens), where the
     KV cache, not the weights, may dominate a step.
     """
-    from qwen_grpc.engine.model import load_model
-
-    loaded = load_model(model_dir, dtype, 0)
     prompts = build_prompts(loaded.tokenizer, batch, 64)
     logits, cache, mask = loaded.prefill([list(p.token_ids) for p in prompts])
     positions = torch.full((batch,), 64, dtype=torch.long)
@@ -58,9 +59,27 @@ def profile_decode(
             step()
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     return (
-        f"{loaded.dtype}, batch {batch}, context {64 + 3 + skip}: {step_ms:.1f} ms per decode step "
-        f"({batch * 1000 / step_ms:.1f} tok/s aggregate, {torch.get_num_threads()} threads)\n{table}"
+        f"{loaded.dtype}, batch {batch}, context {64 + 3 + skip}: {step_ms:.1f} ms per decode "
+        f"step ({batch * 1000 / step_ms:.1f} tok/s aggregate, {torch.get_num_threads()} "
+        f"threads)\n{table}"
     )
+
+
+def _on_engine_thread(function: Callable[[], None]) -> None:
+    """Runs ``function`` on a fresh thread, as the engine runs the model (see inprocess.py)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            function()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="qwen-engine")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,11 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    for batch in (int(b) for b in args.batch.split(",")):
-        sys.stdout.write(
-            profile_decode(args.model_dir, args.dtype, batch, args.steps, args.top, args.skip_steps)
-        )
-        sys.stdout.write("\n")
+    # Loaded on a helper thread and run on another, exactly like the server: which threads
+    # load and run the model changes step times here (see bench.inprocess).
+    loaded = load_like_the_server(args.model_dir, args.dtype, 0)
+
+    def profile_all() -> None:
+        for batch in (int(b) for b in args.batch.split(",")):
+            report = profile_decode(loaded, batch, args.steps, args.top, args.skip_steps)
+            sys.stdout.write(report + "\n")
+
+    _on_engine_thread(profile_all)
     return 0
 
 

@@ -15,10 +15,13 @@ import datetime
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from bench import llamacpp
@@ -275,8 +278,15 @@ def _serving(
     return grpc_runs, engine_runs
 
 
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the server subprocess is stopped on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -7,6 +7,7 @@ server's resident memory is its own.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -26,6 +27,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -44,6 +46,15 @@ def _status_kib(pid: int, field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the bench dies, so no server outlives a killed benchmark."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _has_setting(name: str) -> bool:
@@ -131,7 +142,11 @@ class ServerProcess:
         _LOGGER.info("starting server: %s", " ".join(self.command()))
         started = time.perf_counter()
         self._process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,
         )
         self._wait_serving(started)
         self.load_s = time.perf_counter() - started
