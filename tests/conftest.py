@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -81,3 +82,18 @@ def server_factory(tiny_settings: Settings) -> Iterator[object]:
     yield make
     for running in started:
         running.close()
+
+
+ServerMaker = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def make_server(server_factory: Any, tiny_server: RunningServer) -> ServerMaker:
+    """A server with changed settings, serving the session's already loaded tiny model."""
+
+    def make(**changes: Any) -> RunningServer:
+        running: RunningServer = server_factory(**changes)
+        running.server.servicer.attach(tiny_server.server.servicer.runtime)
+        return running
+
+    return make

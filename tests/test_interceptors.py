@@ -34,7 +34,7 @@ from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
 from qwen_grpc.interceptors.errors import ErrorInterceptor
 from qwen_grpc.logs import JsonFormatter
 from qwen_grpc.v1 import chat_pb2
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, ServerMaker
 
 SECRET_PROMPT = "my account number is 4242-SECRET"
 REQUEST = chat_pb2.ChatRequest(
@@ -42,19 +42,6 @@ REQUEST = chat_pb2.ChatRequest(
     options=chat_pb2.GenerationOptions(greedy=True, max_new_tokens=6),
 )
 STREAM_REQUEST = chat_pb2.StreamChatRequest(messages=REQUEST.messages, options=REQUEST.options)
-ServerMaker = Callable[..., RunningServer]
-
-
-@pytest.fixture
-def make_server(server_factory: Any, tiny_server: RunningServer) -> ServerMaker:
-    """A server with changed settings, serving the session's already loaded tiny model."""
-
-    def make(**changes: Any) -> RunningServer:
-        running: RunningServer = server_factory(**changes)
-        running.server.servicer.attach(tiny_server.server.servicer.runtime)
-        return running
-
-    return make
 
 
 @pytest.fixture

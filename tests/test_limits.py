@@ -25,9 +25,8 @@ from qwen_grpc.engine.scheduler import Engine
 from qwen_grpc.interceptors.rate_limit import TokenBuckets
 from qwen_grpc.server import _max_prompt_tokens
 from qwen_grpc.v1 import chat_pb2
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, ServerMaker
 
-ServerMaker = Callable[..., RunningServer]
 MESSAGES = [chat_pb2.Message(role=chat_pb2.ROLE_USER, content="Tell a long story")]
 
 
@@ -43,18 +42,6 @@ def stream(max_new_tokens: int = 400) -> chat_pb2.StreamChatRequest:
         messages=MESSAGES,
         options=chat_pb2.GenerationOptions(greedy=True, max_new_tokens=max_new_tokens),
     )
-
-
-@pytest.fixture
-def make_server(server_factory: Any, tiny_server: RunningServer) -> ServerMaker:
-    """A server with changed settings, serving the session's already loaded tiny model."""
-
-    def make(**changes: Any) -> RunningServer:
-        running: RunningServer = server_factory(**changes)
-        running.server.servicer.attach(tiny_server.server.servicer.runtime)
-        return running
-
-    return make
 
 
 def engine_of(running: RunningServer) -> Engine:

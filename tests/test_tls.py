@@ -6,10 +6,8 @@ import datetime
 import ipaddress
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -23,9 +21,7 @@ from qwen_grpc.interceptors.access_log import ACCESS_LOGGER
 from qwen_grpc.logs import JsonFormatter
 from qwen_grpc.tls import TlsConfigError, server_credentials
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
-from tests.conftest import RunningServer
-
-ServerMaker = Callable[..., RunningServer]
+from tests.conftest import RunningServer, ServerMaker
 
 
 @dataclass(frozen=True)
@@ -103,18 +99,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _, other_cert, other_key = _issue(directory, "other-ca", "another CA", None)
     stranger, _, _ = _issue(directory, "stranger", "billing-service", (other_cert, other_key))
     return Pki(ca, server, client, stranger)
-
-
-@pytest.fixture
-def make_server(server_factory: Any, tiny_server: RunningServer) -> ServerMaker:
-    """A server with changed settings, serving the session's already loaded tiny model."""
-
-    def make(**changes: Any) -> RunningServer:
-        running: RunningServer = server_factory(**changes)
-        running.server.servicer.attach(tiny_server.server.servicer.runtime)
-        return running
-
-    return make
 
 
 def _info(
