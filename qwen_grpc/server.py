@@ -119,6 +119,7 @@ class QwenServer:
             default_max_new_tokens=min(settings.default_max_new_tokens, max_new_tokens),
             max_prompt_tokens=_max_prompt_tokens(settings, model.context_length, max_new_tokens),
             vocab_size=model.vocab_size,
+            control_tokens=tuple(model.tokenizer.all_special_tokens),
         )
         defaults = default_sampling(model.generation_config, limits)
         if settings.warmup:

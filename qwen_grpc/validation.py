@@ -48,6 +48,8 @@ class RequestLimits:
     default_max_new_tokens: int
     max_prompt_tokens: int
     vocab_size: int
+    control_tokens: tuple[str, ...] = ()
+    """The tokenizer's special tokens: message text containing one could forge chat turns."""
 
 
 def default_sampling(config: GenerationConfig, limits: RequestLimits) -> SamplingParams:
@@ -86,6 +88,11 @@ def to_messages(messages: Iterable[chat_pb2.Message], limits: RequestLimits) -> 
             )
         if not message.content.strip():
             violations.append(FieldViolation(f"{where}.content", "must not be empty"))
+        forged = next((token for token in limits.control_tokens if token in message.content), None)
+        if forged is not None:
+            violations.append(
+                FieldViolation(f"{where}.content", f"must not contain the control token {forged}")
+            )
         if role is not None:
             result.append(ChatMessage(role, message.content))
     if result and not violations and result[-1].role is not Role.USER:
