@@ -71,22 +71,15 @@ def engine_single_stream(
     """
     from qwen_grpc.config import Settings
     from qwen_grpc.engine.prompt import SharedTokenizer
-    from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
+    from qwen_grpc.engine.scheduler import Engine
     from qwen_grpc.engine.types import Completed, GenerationRequest, SamplingParams
+    from qwen_grpc.server import scheduler_limits
 
     settings = Settings() if dtype is None else Settings(dtype=dtype)  # type: ignore[arg-type]
     started = time.perf_counter()
     model = load_like_the_server(model_dir, settings.dtype, settings.threads)
     load_s = time.perf_counter() - started
-    engine = Engine(
-        model,
-        SchedulerLimits(
-            max_batch_size=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            kv_cache_tokens=settings.kv_cache_tokens,
-        ),
-        SharedTokenizer(model.tokenizer),
-    )
+    engine = Engine(model, scheduler_limits(settings), SharedTokenizer(model.tokenizer))
     engine.start()
 
     def generate(request_id: str, new_tokens: int) -> StreamTiming:

@@ -98,16 +98,7 @@ class QwenServer:
         files = resolve_model(settings.model, settings.revision, settings.cache_dir)
         model = load_model(files.path, settings.dtype, settings.threads)
         tokenizer = SharedTokenizer(model.tokenizer)
-        engine = Engine(
-            model,
-            SchedulerLimits(
-                max_batch_size=settings.max_batch_size,
-                max_queue=settings.max_queue,
-                kv_cache_tokens=settings.kv_cache_tokens,
-            ),
-            tokenizer,
-            observer=self.metrics,
-        )
+        engine = Engine(model, scheduler_limits(settings), tokenizer, observer=self.metrics)
         engine.start()
         self.engine = engine
         self.metrics.watch_engine(engine)
@@ -160,6 +151,15 @@ class QwenServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         _LOGGER.info("stopped")
+
+
+def scheduler_limits(settings: Settings) -> SchedulerLimits:
+    """The engine's admission limits, as the settings give them."""
+    return SchedulerLimits(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        kv_cache_tokens=settings.kv_cache_tokens,
+    )
 
 
 def _transport_options(settings: Settings) -> list[tuple[str, int]]:
