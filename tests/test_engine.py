@@ -6,11 +6,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from qwen_grpc.engine import scheduler
+from qwen_grpc.engine.decoder import Decoder
 from qwen_grpc.engine.errors import GenerationFailedError, OverloadedError
 from qwen_grpc.engine.model import LoadedModel, load_model
 from qwen_grpc.engine.prompt import SharedTokenizer
@@ -39,6 +42,12 @@ def tiny_model(tiny_model_dir: Path) -> LoadedModel:
     return load_model(tiny_model_dir, "float32", threads=0)
 
 
+@pytest.fixture(scope="module")
+def transformers_model(tiny_model_dir: Path) -> PreTrainedModel:
+    """The reference: transformers' own float32 model, independent of the engine's decoder."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
 @pytest.fixture
 def engine(tiny_model: LoadedModel) -> Iterator[Engine]:
     running = Engine(
@@ -53,10 +62,12 @@ def encode(engine: Engine, text: str) -> tuple[int, ...]:
     return tuple(engine.tokenizer.encode_chat([ChatMessage(Role.USER, text)]))
 
 
-def reference_generate(model: LoadedModel, prompt: tuple[int, ...], max_new_tokens: int) -> str:
+def reference_generate(
+    reference: PreTrainedModel, model: LoadedModel, prompt: tuple[int, ...], max_new_tokens: int
+) -> str:
     """transformers' own greedy generate for one request alone."""
     with torch.inference_mode():
-        output = model.model.generate(
+        output = reference.generate(
             input_ids=torch.tensor([prompt]),
             attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
             max_new_tokens=max_new_tokens,
@@ -86,11 +97,11 @@ def collect(handle: RequestHandle) -> tuple[str, Completed]:
 
 
 def test_batched_greedy_matches_generate_alone_whatever_joins_when(
-    engine: Engine, tiny_model: LoadedModel
+    engine: Engine, tiny_model: LoadedModel, transformers_model: PreTrainedModel
 ) -> None:
     lengths = [40, 25, 60, 33]
     expected = [
-        reference_generate(tiny_model, encode(engine, p), n)
+        reference_generate(transformers_model, tiny_model, encode(engine, p), n)
         for p, n in zip(PROMPTS, lengths, strict=True)
     ]
     handles = []
@@ -182,25 +193,26 @@ def test_stop_matcher_never_emits_part_of_a_stop_sequence(
 
 
 def test_engine_thread_is_the_only_thread_running_the_model(
-    engine: Engine, tiny_model: LoadedModel
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     callers: set[str] = set()
-    hook = tiny_model.model.base_model.register_forward_pre_hook(
-        lambda *_: callers.add(threading.current_thread().name)
-    )
-    try:
-        handles = [
-            engine.submit(
-                GenerationRequest(
-                    f"t{i}", encode(engine, p), SamplingParams(max_new_tokens=5, greedy=True)
-                )
+    forward = Decoder.__call__
+
+    def recording_forward(self: Decoder, *args: Any) -> torch.Tensor:
+        callers.add(threading.current_thread().name)
+        return forward(self, *args)
+
+    monkeypatch.setattr(Decoder, "__call__", recording_forward)
+    handles = [
+        engine.submit(
+            GenerationRequest(
+                f"t{i}", encode(engine, p), SamplingParams(max_new_tokens=5, greedy=True)
             )
-            for i, p in enumerate(PROMPTS)
-        ]
-        for handle in handles:
-            collect(handle)
-    finally:
-        hook.remove()
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+    for handle in handles:
+        collect(handle)
     assert callers == {"qwen-engine"}
 
 

@@ -8,27 +8,33 @@ but quantizing activations costs accuracy, so it only ranks candidates (see ``he
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
 from torch import nn
 from torch.ao.nn.quantized import dynamic as quantized_dynamic
-from transformers import PreTrainedModel
+from torch.nn import functional
 
-_LOGGER = logging.getLogger(__name__)
+
+class DenseLinear(nn.Module):
+    """``F.linear`` on a plain weight: the float32 reference, and bf16 where oneDNN is missing."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.linear(x, self.weight, self.bias)
 
 
 class PackedBf16Linear(nn.Module):
     """A bf16 linear whose weight lives in oneDNN's blocked layout."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        weight = linear.weight.detach().to(torch.bfloat16)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), 1)
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -36,21 +42,6 @@ class PackedBf16Linear(nn.Module):
 
 def can_pack_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available())
-
-
-def pack_bf16_linears(model: PreTrainedModel, skip: nn.Module | None) -> int:
-    """Swaps every ``nn.Linear`` but ``skip`` (the output head) for a packed one, in place."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not skip
-    ]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedBf16Linear(getattr(parent, child)))
-    _LOGGER.info("packed %d bf16 linear layers for oneDNN", len(names))
-    return len(names)
 
 
 def fbgemm_int8_linear(values: torch.Tensor, scales: torch.Tensor) -> nn.Module:

@@ -13,50 +13,37 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch.nn import functional
 
 from qwen_grpc.engine.fast_linear import fbgemm_int8_linear
-from qwen_grpc.engine.quantize import int8_rows
 
 REFINED_CANDIDATES = 32
 RowLookup = Callable[[torch.Tensor], torch.Tensor]
 
 
-class LogitsHead:
-    """Computes fp32 logits ``[batch, vocab]`` from hidden states ``[batch, hidden]``."""
+class ExactHead:
+    """Every logit from the full-precision weight: the float32 reference."""
 
-    def __init__(self, head: nn.Module, exact_rows: RowLookup | None = None) -> None:
-        """``exact_rows`` given: rank with int8, then recompute the top rows exactly."""
-        self._head = head
-        self._exact_rows = exact_rows
-        self._ranker: nn.Module | None = None
-        if exact_rows is not None:
-            self._ranker = fbgemm_int8_linear(*_int8_weight(head))
+    def __init__(self, weight: torch.Tensor) -> None:
+        self._weight = weight
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._ranker is None or self._exact_rows is None:
-            return self._head(hidden).float()
+        return functional.linear(hidden, self._weight).float()
+
+
+class RankedHead:
+    """int8 ranks the vocabulary; the top candidates are recomputed from ``exact_rows``."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, exact_rows: RowLookup) -> None:
+        self._ranker = fbgemm_int8_linear(values, scales.float())
+        self._exact_rows = exact_rows
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         wide = hidden.float()
         logits = self._ranker(wide)
         candidates = torch.topk(logits, REFINED_CANDIDATES, dim=-1).indices
         exact = torch.einsum("bh,bkh->bk", wide, self._exact_rows(candidates))
-        bias = getattr(self._head, "bias", None)
-        if bias is not None:
-            exact = exact + bias.float()[candidates]
         return logits.scatter_(-1, candidates, exact)
 
 
-def _int8_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    values = getattr(head, "values", None)
-    scales = getattr(head, "scales", None)
-    if isinstance(values, torch.Tensor) and isinstance(scales, torch.Tensor):
-        return values, scales.float()
-    weight = head.weight
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(head).__name__}.weight is not a tensor")
-    return int8_rows(weight.detach())
-
-
-def bf16_rows(weight: torch.Tensor) -> RowLookup:
-    """Exact rows from a full-precision (bf16) weight, widened only for the candidates."""
-    return lambda index: weight[index].float()
+LogitsHead = ExactHead | RankedHead

@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from qwen_grpc.engine.fast_linear import can_pack_bf16, pack_bf16_linears
-from qwen_grpc.engine.head import LogitsHead, bf16_rows
+from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError, build_decoder
+from qwen_grpc.engine.head import LogitsHead
 from qwen_grpc.engine.kv_cache import BatchKVCache
-from qwen_grpc.engine.quantize import Int8Linear, quantize_int8
+from qwen_grpc.engine.precision import prepare_weights
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def resolve_dtype(name: str) -> str:
 class LoadedModel:
     """A model and tokenizer ready for batched generation."""
 
-    model: PreTrainedModel
+    decoder: Decoder
     tokenizer: PreTrainedTokenizerBase
     generation_config: GenerationConfig
     dtype: str
@@ -54,7 +54,7 @@ class LoadedModel:
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        return len(self.decoder.layers)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
@@ -62,8 +62,11 @@ class LoadedModel:
 
         For quality checks: compare next-token choices across precisions.
         """
-        out = self.model.base_model(input_ids=torch.tensor([token_ids]), use_cache=False)
-        return self.head(out.last_hidden_state[0])
+        ids = torch.tensor([token_ids])
+        hidden = self.decoder(
+            ids, torch.arange(len(token_ids)).unsqueeze(0), torch.ones_like(ids), self._cache()
+        )
+        return self.head(hidden[0])
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchKVCache, torch.Tensor]:
@@ -79,29 +82,20 @@ class LoadedModel:
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = BatchKVCache(self.num_layers)
-        out = self.model.base_model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-        )
-        return self.head(out.last_hidden_state[:, -1, :]), cache, mask
+        cache = self._cache()
+        hidden = self.decoder(input_ids, positions, mask, cache)
+        return self.head(hidden[:, -1, :]), cache, mask
 
     @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, cache: BatchKVCache, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """One decode step for every row; ``mask`` already includes the new column."""
-        out = self.model.base_model(
-            input_ids=tokens.unsqueeze(-1),
-            attention_mask=mask,
-            position_ids=positions.unsqueeze(-1),
-            cache=cache,
-            use_cache=True,
-        )
-        return self.head(out.last_hidden_state[:, -1, :])
+        hidden = self.decoder(tokens.unsqueeze(-1), positions.unsqueeze(-1), mask, cache)
+        return self.head(hidden[:, -1, :])
+
+    def _cache(self) -> BatchKVCache:
+        return BatchKVCache(self.num_layers)
 
 
 def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> frozenset[int]:
@@ -120,42 +114,15 @@ def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig
     return frozenset(ids)
 
 
-def release_checkpoint_mapping(model: torch.nn.Module) -> None:
-    """Copies the tensors still viewing the memory-mapped checkpoint, so it can be unmapped.
-
-    transformers maps safetensors files and hands out zero-copy views; after packing, the few
-    tensors left (embedding, norms) would otherwise keep every page of the file resident.
-    """
-    for parameter in model.parameters():
-        parameter.data = parameter.data.clone()
-    for module in model.modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None:
-                persistent = name not in module._non_persistent_buffers_set
-                module.register_buffer(name, buffer.clone(), persistent=persistent)
-
-
-def _build_head(model: PreTrainedModel, precision: str) -> LogitsHead:
-    """Prepares the layers for the precision and returns the logits head to use.
-
-    float32 is the reference and stays as transformers runs it. bfloat16 packs the linears
-    for oneDNN; int8 quantizes them. Both rank the vocabulary with an int8 head and recompute
-    the top candidates exactly from the model's rows (bf16 weights, or int8 in int8 mode).
-    """
-    if precision == "float32":
-        return LogitsHead(model.get_output_embeddings())
-    if precision == "int8":
-        model = quantize_int8(model)
-        head = model.get_output_embeddings()
-        release_checkpoint_mapping(model)
-        if isinstance(head, Int8Linear):
-            return LogitsHead(head, exact_rows=head.rows)
-        return LogitsHead(head, exact_rows=bf16_rows(head.weight))
-    head = model.get_output_embeddings()
-    if can_pack_bf16():
-        pack_bf16_linears(model, skip=head)
-    release_checkpoint_mapping(model)
-    return LogitsHead(head, exact_rows=bf16_rows(head.weight))
+def _build(model: PreTrainedModel, precision: str) -> tuple[Decoder, LogitsHead]:
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding) or not isinstance(output, torch.nn.Linear):
+        raise UnsupportedModelError("the model has no plain embedding table and output layer")
+    if output.bias is not None:
+        raise UnsupportedModelError("an output layer with a bias is not supported")
+    weights = prepare_weights(embedding.weight.detach(), output.weight.detach(), precision)
+    return build_decoder(model, weights.linear, weights.embedding), weights.head
 
 
 def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
@@ -166,14 +133,16 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
     resolved = resolve_dtype(dtype)
     torch_dtype = torch.float32 if resolved == "float32" else torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
-    model.eval()
-    head = _build_head(model, resolved)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    decoder, head = _build(model, resolved)
+    config = model.config
+    # The decoder holds its own copies; dropping the model unmaps the checkpoint.
+    del model
     try:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
         generation_config = GenerationConfig()
-    context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+    context_length = int(getattr(config, "max_position_embeddings", 2048))
     _LOGGER.info(
         "loaded %s as %s in %.1f s (context %d, %d threads)",
         path,
@@ -183,12 +152,12 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
         torch.get_num_threads(),
     )
     return LoadedModel(
-        model=model,
+        decoder=decoder,
         tokenizer=tokenizer,
         generation_config=generation_config,
         dtype=resolved,
         context_length=context_length,
-        vocab_size=int(model.config.vocab_size),
+        vocab_size=int(config.vocab_size),
         stop_token_ids=_stop_token_ids(tokenizer, generation_config),
         head=head,
     )

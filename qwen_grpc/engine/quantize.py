@@ -7,23 +7,18 @@ quantize activations per tensor, and on the demo model that dropped next-token a
 float32 below 50 %.
 
 Weights are quantized in row blocks straight from the bf16 checkpoint, so no full fp32 copy of
-a matrix ever exists (Qwen1.5-0.5B's tied embedding alone would be 622 MB in fp32). The
-embedding keeps its own int8 table for lookups, so untying it from ``lm_head`` costs 155 MB.
+a matrix ever exists (Qwen1.5-0.5B's tied embedding alone would be 622 MB in fp32).
 """
 
 from __future__ import annotations
 
-import logging
-from typing import cast
-
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from torch.nn import functional
 
-_LOGGER = logging.getLogger(__name__)
 _ROWS_PER_BLOCK = 4096
-# aten._weight_int8pack_mm crashes the process on other input widths; such layers stay as they are.
-_KERNEL_K_MULTIPLE = 16
+# aten._weight_int8pack_mm crashes the process on other input widths.
+KERNEL_K_MULTIPLE = 16
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,27 +36,20 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, scales
 
 
+def int8_kernel_fits(weight: torch.Tensor) -> bool:
+    return weight.shape[1] % KERNEL_K_MULTIPLE == 0
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (values * scales).T + bias`` without ever materializing the wide weight."""
 
-    # Registered as buffers in __init__; declared so the type checker sees tensors, not Modules.
-    values: torch.Tensor
-    scales: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        values, scales = int8_rows(linear.weight.detach())
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.register_buffer("values", values)
-        self.register_buffer("scales", scales.to(dtype))
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.register_buffer("bias", bias)
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The de-quantized weight rows ``index`` in fp32 (for exact logits of a few tokens)."""
-        return self.values[index].float() * self.scales[index].float().unsqueeze(-1)
+        values, scales = int8_rows(weight)
+        self.out_features, self.in_features = weight.shape
+        self.values = values
+        self.scales = scales.to(dtype)
+        self.bias = None if bias is None else bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
@@ -71,38 +59,18 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8Embedding(nn.Module):
-    """An int8 embedding table with per-row scales; lookups come out in the model's dtype."""
+class Int8Table(nn.Module):
+    """An int8 embedding table with per-row scales, also the exact rows of a tied int8 head."""
 
-    values: torch.Tensor
-    scales: torch.Tensor
-
-    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
-        values, scales = int8_rows(embedding.weight.detach())
-        self.register_buffer("values", values)
-        self.register_buffer("scales", scales)
+        self.values, self.scales = int8_rows(weight)
         self.dtype = dtype
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The de-quantized rows ``index`` in fp32."""
+        return self.values[index].float() * self.scales[index].unsqueeze(-1)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = nn.functional.embedding(input_ids, self.values).float()
+        rows = functional.embedding(input_ids, self.values).float()
         return (rows * self.scales[input_ids].unsqueeze(-1)).to(self.dtype)
-
-
-def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
-    """Replaces the embedding and every linear layer, ``lm_head`` included, in place."""
-    dtype = next(model.parameters()).dtype
-    embedding = cast(nn.Embedding, model.get_input_embeddings())  # typed as nn.Module upstream
-    model.set_input_embeddings(Int8Embedding(embedding, dtype))
-    model.config.tie_word_embeddings = False
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module.in_features % _KERNEL_K_MULTIPLE == 0
-    ]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(getattr(parent, child), dtype))
-    _LOGGER.info("quantized the embedding and %d linear layers to int8", len(names))
-    return model
