@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from qwen_grpc.engine import scheduler
-from qwen_grpc.engine.decoder import Decoder
+from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError
 from qwen_grpc.engine.errors import GenerationFailedError, OverloadedError
 from qwen_grpc.engine.model import LoadedModel, load_model
 from qwen_grpc.engine.prompt import SharedTokenizer
@@ -263,6 +263,17 @@ def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype:
     finally:
         engine.stop()
     assert all(1 <= f.usage.completion_tokens <= 6 for f in finals)
+
+
+def test_an_architecture_the_decoder_does_not_compute_is_refused_by_name(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported"):
+        load_model(tmp_path, "float32", threads=0)
 
 
 def test_a_failure_in_one_sequence_leaves_its_batch_neighbours_running(

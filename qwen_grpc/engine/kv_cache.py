@@ -4,12 +4,15 @@ Rows are right-aligned: every row writes its next token into the same column, an
 joined with a shorter history is padded on the left (masked out). That keeps one dense tensor
 per layer, so a decode step is a single forward pass over the whole batch. Joining and leaving
 cost one copy of the cache; a decode step appends in place into spare capacity instead of
-concatenating (which would copy the whole cache every token).
+concatenating (which would copy the whole cache every token). Every reallocation hands the
+freed buffers' pages back to the OS (see ``memory.py``), so RSS follows the batch down too.
 """
 
 from __future__ import annotations
 
 import torch
+
+from qwen_grpc.engine.memory import release_free_memory
 
 # Spare columns allocated each time a layer's buffer fills up: a larger step copies the cache
 # less often, a smaller one holds less unused memory (8 rows x 24 layers x 64 columns of
@@ -115,15 +118,20 @@ class BatchKVCache:
 
     def reserve(self, columns: int) -> int:
         """Room for ``columns`` more in every layer; returns the (common) capacity."""
+        before = self.layers[0].capacity
         for layer in self.layers:
             layer.reserve(columns)
+        if self.layers[0].capacity != before:
+            release_free_memory()
         return self.layers[0].capacity
 
     def select_rows(self, rows: list[int], drop_left: int = 0) -> None:
         index = torch.tensor(rows, dtype=torch.long)
         for layer in self.layers:
             layer.select_rows(index, drop_left)
+        release_free_memory()
 
     def append_rows(self, other: BatchKVCache) -> None:
         for mine, theirs in zip(self.layers, other.layers, strict=True):
             mine.append_rows(theirs)
+        release_free_memory()

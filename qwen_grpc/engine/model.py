@@ -18,6 +18,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError, build_decoder
 from qwen_grpc.engine.head import LogitsHead
 from qwen_grpc.engine.kv_cache import BatchKVCache
+from qwen_grpc.engine.memory import map_large_blocks, release_free_memory
 from qwen_grpc.engine.precision import prepare_weights
 
 _LOGGER = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
     """Loads weights with low peak memory in the requested precision."""
     if threads > 0:
         torch.set_num_threads(threads)
+    map_large_blocks()
     started = time.perf_counter()
     resolved = resolve_dtype(dtype)
     torch_dtype = torch.float32 if resolved == "float32" else torch.bfloat16
@@ -138,6 +140,7 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
     config = model.config
     # The decoder holds its own copies; dropping the model unmaps the checkpoint.
     del model
+    release_free_memory()
     try:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
