@@ -160,7 +160,8 @@ def _baseline_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"qwen-grpc engine {dtype}",
                 _fmt(run["summary"]["decode_tok_s_p50"]),
                 _fmt(run["summary"]["ttft_ms_p50"]),
-                f"same code as the server, TTFT from submit{_stall_note(run)}",
+                "same code as the server, TTFT from submit; timed before and after the "
+                f"server run{_stall_note(run)}",
             ]
         )
     llamacpp = results.get("llamacpp", {})
