@@ -119,11 +119,11 @@ class BatchKVCache:
 
     def reserve(self, columns: int) -> int:
         """Room for ``columns`` more in every layer; returns the (common) capacity."""
-        before = self.layers[0].capacity
         for layer in self.layers:
-            layer.reserve(columns)
-        if self.layers[0].capacity != before:
-            release_free_memory()
+            if layer.width + columns > layer.capacity:
+                layer.reserve(columns)
+                # Layer by layer: freed buffers would otherwise pile up to a whole cache copy.
+                release_free_memory()
         return self.layers[0].capacity
 
     def select_rows(self, rows: list[int], drop_left: int = 0) -> None:

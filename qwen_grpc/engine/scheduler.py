@@ -29,6 +29,7 @@ from qwen_grpc.engine.errors import (
     UnavailableError,
 )
 from qwen_grpc.engine.kv_cache import BatchKVCache
+from qwen_grpc.engine.memory import release_free_memory
 from qwen_grpc.engine.model import LoadedModel
 from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.sampling import TokenSampler
@@ -413,6 +414,7 @@ class Engine:
         self._cache = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
+        release_free_memory()
 
     def _fail_waiting(self, error: EngineError) -> None:
         """Answers every queued and running request with ``error``; safe from any thread."""
