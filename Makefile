@@ -56,7 +56,7 @@ test: install models
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy qwen_grpc clients
+	$(BIN)/mypy qwen_grpc clients harness bench reliability
 
 # The recipe lives in tools/generate_proto.py so the staleness test runs the same one.
 proto: install

@@ -17,8 +17,9 @@ from typing import Any
 from bench import grpc_load, server_metrics
 from bench.prompts import BenchPrompt
 from bench.quiet import Quiet, measure_quietly
-from bench.server_process import RssSampler, ServerProcess
+from bench.rss_sampler import RssSampler
 from bench.stats import summarize
+from harness.server_process import ServerProcess
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,13 +66,21 @@ def bench_server(
     log_path: Path,
 ) -> dict[str, Any]:
     """Starts a server in ``dtype`` (``None``: its default), drives it, stops it."""
-    with ServerProcess(model_dir, dtype, cache_dir, log_path, plan.server_args) as server:
+    dtype_args = () if dtype is None else ("--dtype", dtype)
+    with ServerProcess(
+        str(model_dir),
+        log_path,
+        cache_dir=cache_dir,
+        extra_args=(*dtype_args, *plan.server_args),
+        log_level="WARNING",
+        startup_timeout=900.0,
+    ) as server:
         info = grpc_load.model_info(server.address)
         record: dict[str, Any] = {
             "dtype": info.dtype,
             "server_default": dtype is None,
             "server": {
-                "command": server.command(),
+                "command": server.command,
                 "load_s": round(server.load_s or 0.0, 2),
                 "rss_after_load_gb": _gb(server.rss_bytes()),
                 "peak_rss_loading_gb": _gb(server.peak_rss_bytes()),

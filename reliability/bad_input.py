@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.strategies import SearchStrategy
 
+from harness.server_process import ServerProcess
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from reliability import calls
 from reliability.calls import STREAM
 from reliability.malformed import Malformed, malformed_requests
 from reliability.report import ScenarioResult
-from reliability.server_process import ServerProcess
 from reliability.stats import counts
 
 _LOGGER = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from harness.probes import health_status
+from harness.server_process import ServerProcess
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from reliability import calls
-from reliability.probes import health_status
 from reliability.report import ScenarioResult
-from reliability.server_process import ServerProcess
 from reliability.stats import counts, rounded
 
 _LOGGER = logging.getLogger(__name__)

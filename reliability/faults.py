@@ -33,12 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from harness.server_process import REPO_ROOT, ServerProcess
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from reliability import calls, doomed_client
 from reliability.bystanders import Bystanders, Reference
 from reliability.faulty_server import PREFILL_FAULT_SEED, fault_seed
 from reliability.report import ScenarioResult
-from reliability.server_process import REPO_ROOT, ServerProcess
 from reliability.stats import counts, rounded
 
 _LOGGER = logging.getLogger(__name__)

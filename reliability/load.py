@@ -14,11 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from harness.server_process import ServerProcess
 from qwen_grpc.v1 import chat_pb2_grpc
 from reliability import calls, workload
 from reliability.calls import CHAT, STREAM, CallOutcome
 from reliability.report import ScenarioResult
-from reliability.server_process import ServerProcess
 from reliability.stats import counts, percentile, rounded
 
 _LOGGER = logging.getLogger(__name__)

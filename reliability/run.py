@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from harness.server_process import REPO_ROOT, ServerProcess
 from reliability.bad_input import BadInputPlan, run_bad_input
 from reliability.drain import DrainPlan, run_drain
 from reliability.faults import FaultPlan, run_faults
+from reliability.launcher import ServerLauncher
 from reliability.load import LoadPlan, run_load
 from reliability.report import RunInfo, ScenarioResult, write_results
-from reliability.server_process import REPO_ROOT, ServerLauncher, ServerProcess
 from reliability.soak import SoakPlan, run_soak
 
 _LOGGER = logging.getLogger("reliability")

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from harness.server_process import ServerProcess
 from qwen_grpc.v1 import chat_pb2_grpc
 from reliability import calls, workload
 from reliability.calls import CallOutcome
 from reliability.report import ScenarioResult
-from reliability.server_process import ServerProcess
 from reliability.stats import counts
 
 _LOGGER = logging.getLogger(__name__)

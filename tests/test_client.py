@@ -22,26 +22,26 @@ from qwen_client import (
 from qwen_client.cli import describe_error
 
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
-from tests._demo_server import REPO_ROOT, DemoServer, demo_server, server_env  # noqa: F401
+from tests._demo_server import REPO_ROOT, ServerProcess, demo_server, server_env  # noqa: F401
 
 QUESTION = "What is the capital of France?"
 USAGE_LINE = re.compile(r"\[(\w+)\] prompt (\d+) \+ completion (\d+) = (\d+) tokens")
 
 
 @pytest.fixture(scope="module")
-def client(demo_server: DemoServer) -> Iterator[ChatClient]:  # noqa: F811
-    with ChatClient(demo_server.target, timeout=60.0) as chat_client:
+def client(demo_server: ServerProcess) -> Iterator[ChatClient]:  # noqa: F811
+    with ChatClient(demo_server.address, timeout=60.0) as chat_client:
         yield chat_client
 
 
 def run_cli(
-    demo_server: DemoServer,  # noqa: F811
+    demo_server: ServerProcess,  # noqa: F811
     *args: str,
     stdin: str = "",
 ) -> subprocess.CompletedProcess[str]:
     """``qwen-grpc chat ...`` as a user runs it, the target taken from the environment."""
     env = server_env()
-    env["QWEN_GRPC_TARGET"] = demo_server.target
+    env["QWEN_GRPC_TARGET"] = demo_server.address
     return subprocess.run(
         [sys.executable, "-m", "qwen_grpc", "chat", *args],
         input=stdin,
@@ -161,7 +161,7 @@ def test_leaving_a_stream_early_cancels_it_and_the_client_keeps_working(
     assert "Paris" in client.chat([("user", QUESTION)], greedy=True).text
 
 
-def test_dns_target_balances_round_robin(demo_server: DemoServer) -> None:  # noqa: F811
+def test_dns_target_balances_round_robin(demo_server: ServerProcess) -> None:  # noqa: F811
     with ChatClient(f"dns:///127.0.0.1:{demo_server.port}", timeout=30.0) as dns_client:
         assert dns_client.health() == "SERVING"
         assert dns_client.count_tokens([("user", QUESTION)]) > 0
@@ -269,7 +269,7 @@ def test_cli_sends_the_bearer_token_from_the_environment() -> None:
     assert [m.get("authorization") for m in servicer.metadata] == ["Bearer s3cret"]
 
 
-def test_cli_streams_only_the_answer_to_stdout(demo_server: DemoServer) -> None:  # noqa: F811
+def test_cli_streams_only_the_answer_to_stdout(demo_server: ServerProcess) -> None:  # noqa: F811
     done = run_cli(demo_server, QUESTION, "--greedy")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
@@ -278,14 +278,14 @@ def test_cli_streams_only_the_answer_to_stdout(demo_server: DemoServer) -> None:
     assert done.stderr == ""
 
 
-def test_cli_verbose_reports_usage_on_stderr(demo_server: DemoServer) -> None:  # noqa: F811
-    done = run_cli(demo_server, QUESTION, "--greedy", "--verbose", "--target", demo_server.target)
+def test_cli_verbose_reports_usage_on_stderr(demo_server: ServerProcess) -> None:  # noqa: F811
+    done = run_cli(demo_server, QUESTION, "--greedy", "--verbose", "--target", demo_server.address)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     assert [line[0] for line in usage_lines(done.stderr)] == ["FINISH_REASON_STOP"]
 
 
-def test_cli_interactive_chat_keeps_the_history(demo_server: DemoServer) -> None:  # noqa: F811
+def test_cli_interactive_chat_keeps_the_history(demo_server: ServerProcess) -> None:  # noqa: F811
     done = run_cli(
         demo_server,
         "--greedy",
@@ -303,7 +303,7 @@ def test_cli_interactive_chat_keeps_the_history(demo_server: DemoServer) -> None
 
 
 def test_cli_reset_forgets_the_conversation(
-    demo_server: DemoServer,  # noqa: F811
+    demo_server: ServerProcess,  # noqa: F811
     client: ChatClient,
 ) -> None:
     done = run_cli(
@@ -323,7 +323,7 @@ def test_cli_reset_forgets_the_conversation(
 
 
 def test_cli_failed_call_prints_one_line_with_the_code_and_exits_1(
-    demo_server: DemoServer,  # noqa: F811
+    demo_server: ServerProcess,  # noqa: F811
 ) -> None:
     done = run_cli(demo_server, QUESTION, "--temperature", "5")
     assert done.returncode == 1

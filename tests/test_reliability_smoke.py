@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.server_process import ServerProcess
 from reliability.bad_input import BadInputPlan, run_bad_input
 from reliability.drain import DrainPlan, run_drain
 from reliability.faults import FaultPlan, run_faults
+from reliability.launcher import ServerLauncher
 from reliability.load import LoadPlan, run_load
 from reliability.report import RunInfo, ScenarioResult, write_results
-from reliability.server_process import ServerLauncher, ServerProcess
 from reliability.soak import SoakPlan, run_soak
 
 pytestmark = pytest.mark.timeout(240)

@@ -1,13 +1,13 @@
-"""The server under test as a child process: start it, watch it, signal it, stop it.
+"""``qwen-grpc serve`` as a child process: start it, watch it, signal it, stop it.
 
-Every scenario talks to a real ``qwen-grpc serve`` process (or the same server with injected
-faults, :mod:`reliability.faulty_server`) over loopback TCP: a crash is a process that exited,
-memory is the process's own, and SIGTERM is the signal Kubernetes sends.
+The tests of the client and grpcurl, the benchmark and the reliability suite all talk to the
+server as deployed: a separate process over loopback TCP, whose crash is an exit, whose memory
+is its own and which stops on SIGTERM as Kubernetes stops it.
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import json
 import logging
 import os
@@ -23,13 +23,12 @@ from typing import IO
 
 import grpc
 
-from reliability.probes import health_status, metric_values, vm_rss_bytes
+from harness.probes import health_status, metric_values, status_bytes
 
 _LOGGER = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE = ("-m", "qwen_grpc", "serve")
-FAULTY_SERVE = ("-m", "reliability.faulty_server")
-STARTUP_TIMEOUT_SECONDS = 300.0  # the first demo run converts the GGUF model; CI is slow
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -39,29 +38,54 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def server_env(cache_dir: Path | None = None) -> dict[str, str]:
+    """The environment for the server and the CLIs; ``make`` exports the cache folder."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cache_dir is not None:
+        env["QWEN_GRPC_CACHE_DIR"] = str(cache_dir)
+    env.setdefault("QWEN_GRPC_CACHE_DIR", str(REPO_ROOT / ".cache"))
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies, so no server outlives a killed harness."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 class ServerProcess:
-    """One server process on free loopback ports, its log in a file; a context manager."""
+    """One server on free loopback ports (gRPC and metrics), its log in a file."""
 
     def __init__(
         self,
-        launcher: Sequence[str],
         model: str,
-        cache_dir: Path,
         log_path: Path,
+        *,
+        cache_dir: Path | None = None,
         extra_args: Sequence[str] = (),
+        launcher: Sequence[str] = SERVE,
+        log_level: str = "INFO",
+        startup_timeout: float = 300.0,
     ) -> None:
+        """``launcher`` is what follows the interpreter (a fault-injecting variant, say);
+        ``startup_timeout`` covers a first run that still converts the demo model."""
         self.port = free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.startup_timeout = startup_timeout
         self.command = [
             sys.executable,
             *launcher,
             *("--model", model, "--host", "127.0.0.1", "--port", str(self.port)),
-            *("--metrics-port", str(self.metrics_port), "--log-level", "INFO"),
+            *("--metrics-port", str(self.metrics_port), "--log-level", log_level),
             *extra_args,
         ]
-        self._env = dict(os.environ, QWEN_GRPC_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+        self.load_s: float | None = None
+        self._env = server_env(cache_dir)
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._started = 0.0
@@ -88,29 +112,36 @@ class ServerProcess:
         self._started = time.monotonic()
         self._process = subprocess.Popen(
             self.command,
-            cwd=REPO_ROOT,  # where ``-m reliability.faulty_server`` is importable
+            cwd=REPO_ROOT,  # where fault-injecting launchers are importable
             env=self._env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
 
-    def wait_serving(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    def wait_serving(self) -> None:
         """Returns once the health check says SERVING; raises if the process exits first."""
         while (status := self.health()) != "SERVING":
             if not self.alive:
                 raise RuntimeError(
-                    f"the server exited with {self.process.returncode} while starting; "
-                    f"see {self.log_path}"
+                    f"the server exited with {self.process.returncode} while starting:\n"
+                    f"{self.log_tail()}"
                 )
-            if time.monotonic() - self._started > timeout:
-                raise TimeoutError(f"the server was {status} after {timeout:.0f} s")
+            if time.monotonic() - self._started > self.startup_timeout:
+                raise TimeoutError(f"the server was {status} after {self.startup_timeout:.0f} s")
             time.sleep(0.2)
-        _LOGGER.info("SERVING on %s after %.1f s", self.address, time.monotonic() - self._started)
+        self.load_s = time.monotonic() - self._started
+        _LOGGER.info("SERVING on %s after %.1f s", self.address, self.load_s)
 
     def start(self) -> None:
+        """Spawns the server and waits for SERVING; a server that never got there is stopped."""
         self.spawn()
-        self.wait_serving()
+        try:
+            self.wait_serving()
+        except BaseException:
+            self.stop(timeout=5.0)
+            raise
 
     def health(self) -> str:
         with grpc.insecure_channel(self.address) as channel:
@@ -135,7 +166,31 @@ class ServerProcess:
             time.sleep(0.05)
 
     def rss_bytes(self) -> int:
-        return vm_rss_bytes(self.pid)
+        return status_bytes(self.pid, "VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        """The kernel's high-water mark of resident memory since start or the last reset."""
+        return status_bytes(self.pid, "VmHWM")
+
+    def reset_peak_rss(self) -> bool:
+        """Resets the high-water mark to the current RSS, so a peak covers one phase only.
+
+        Without it a serving peak would include model loading, a different question.
+        """
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError as exc:
+            _LOGGER.warning("cannot reset the server's peak RSS (%s); it includes loading", exc)
+            return False
+        return True
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's log, to explain a failure."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def error_log_lines(self) -> int:
         """Log records at ERROR or above: failed calls, engine failures, tracebacks."""
@@ -180,11 +235,7 @@ class ServerProcess:
         return code
 
     def __enter__(self) -> ServerProcess:
-        try:
-            self.start()
-        except BaseException:
-            self.stop(timeout=5.0)
-            raise
+        self.start()
         return self
 
     def __exit__(
@@ -194,36 +245,3 @@ class ServerProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-class ServerLauncher:
-    """Builds the suite's servers: the tiny model (plain or faulty) and the demo model."""
-
-    def __init__(self, cache_dir: Path, log_dir: Path) -> None:
-        self.cache_dir = cache_dir
-        self.log_dir = log_dir
-
-    @functools.cached_property
-    def tiny_model(self) -> Path:
-        """The tests' tiny random Qwen2 (real Qwen tokenizer), built once and reused."""
-        from qwen_grpc.engine.synthetic import build_random_qwen
-
-        return build_random_qwen(
-            self.cache_dir / "test-models" / "tiny-qwen2", self.cache_dir, "tiny"
-        )
-
-    def tiny(self, name: str, *extra_args: str, faulty: bool = False) -> ServerProcess:
-        """A tiny-model server; ``faulty`` serves it through :mod:`reliability.faulty_server`."""
-        return ServerProcess(
-            FAULTY_SERVE if faulty else SERVE,
-            str(self.tiny_model),
-            self.cache_dir,
-            self.log_dir / f"{name}.log",
-            ("--dtype", "float32", *extra_args),
-        )
-
-    def demo(self, name: str, *extra_args: str) -> ServerProcess:
-        """The offline demo model (SmolLM2-135M from a PyPI wheel) as deployed."""
-        return ServerProcess(
-            SERVE, "demo", self.cache_dir, self.log_dir / f"{name}.log", extra_args
-        )

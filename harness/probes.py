@@ -46,9 +46,10 @@ def metric_values(port: int, timeout: float = 5.0) -> dict[str, float]:
     }
 
 
-def vm_rss_bytes(pid: int) -> int:
-    """Resident memory of a process from ``/proc/<pid>/status`` (what the OOM killer counts)."""
+def status_bytes(pid: int, field: str) -> int:
+    """A memory field of ``/proc/<pid>/status``: ``VmRSS`` (what the OOM killer counts) or
+    ``VmHWM`` (its high-water mark)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
