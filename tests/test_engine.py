@@ -265,6 +265,31 @@ def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype:
     assert all(1 <= f.usage.completion_tokens <= 6 for f in finals)
 
 
+def test_detokenizing_does_not_wait_for_a_huge_prompt_being_tokenized(
+    tiny_model: LoadedModel,
+) -> None:
+    tokenizer = SharedTokenizer(tiny_model.tokenizer)
+    huge = [ChatMessage(Role.USER, "word " * 400_000)]
+    encoding_took: list[float] = []
+
+    def tokenize() -> None:
+        started = time.perf_counter()
+        tokenizer.encode_chat(huge)
+        encoding_took.append(time.perf_counter() - started)
+
+    tokenizing = threading.Thread(target=tokenize)
+    tokenizing.start()
+    time.sleep(0.05)
+    started = time.perf_counter()
+    texts = {tokenizer.decode([100, 200, 300]) for _ in range(20)}
+    decoding_took = time.perf_counter() - started
+    tokenizing.join()
+    assert encoding_took, "tokenizing the 2 MB prompt failed"
+    # Same run, so a ratio: a lock would make the decodes wait out most of the encoding.
+    assert decoding_took < encoding_took[0] / 4, (decoding_took, encoding_took)
+    assert len(texts) == 1
+
+
 def test_an_architecture_the_decoder_does_not_compute_is_refused_by_name(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
