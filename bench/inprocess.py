@@ -16,8 +16,9 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.quiet import Quiet, Quietly, measure_quietly
 from bench.stats import StreamTiming
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from qwen_grpc.engine.model import LoadedModel
 
 _LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def load_like_the_server(model_dir: Path, dtype: str, threads: int) -> LoadedModel:
@@ -38,21 +40,26 @@ def load_like_the_server(model_dir: Path, dtype: str, threads: int) -> LoadedMod
     """
     from qwen_grpc.engine.model import load_model
 
-    loaded: list[LoadedModel] = []
+    return on_thread("model-loader", functools.partial(load_model, model_dir, dtype, threads))
+
+
+def on_thread(name: str, function: Callable[[], _T]) -> _T:
+    """``function()`` on a fresh thread named ``name``; its exception is re-raised here."""
+    results: list[_T] = []
     failure: list[BaseException] = []
 
-    def load() -> None:
+    def run() -> None:
         try:
-            loaded.append(load_model(model_dir, dtype, threads))
+            results.append(function())
         except BaseException as exc:
             failure.append(exc)
 
-    thread = threading.Thread(target=load, name="model-loader")
+    thread = threading.Thread(target=run, name=name)
     thread.start()
     thread.join()
     if failure:
         raise failure[0]
-    return loaded[0]
+    return results[0]
 
 
 def engine_single_stream(

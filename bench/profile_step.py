@@ -12,16 +12,15 @@ import argparse
 import logging
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.inprocess import load_like_the_server
+from bench.inprocess import load_like_the_server, on_thread
 from bench.prompts import build_prompts
 
 if TYPE_CHECKING:
@@ -65,23 +64,6 @@ def profile_decode(loaded: LoadedModel, batch: int, steps: int, top: int, skip: 
     )
 
 
-def _on_engine_thread(function: Callable[[], None]) -> None:
-    """Runs ``function`` on a fresh thread, as the engine runs the model (see inprocess.py)."""
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            function()
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="qwen-engine")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     cache = Path(os.environ.get("QWEN_GRPC_CACHE_DIR", REPO_ROOT / ".cache"))
     parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__)
@@ -109,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = profile_decode(loaded, batch, args.steps, args.top, args.skip_steps)
             sys.stdout.write(report + "\n")
 
-    _on_engine_thread(profile_all)
+    # As the engine runs the model: on its own thread (see bench.inprocess).
+    on_thread("qwen-engine", profile_all)
     return 0
 
 
