@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,6 @@ from qwen_grpc.engine.decoder import LinearFactory
 from qwen_grpc.engine.fast_linear import DenseLinear, PackedBf16Linear, can_pack_bf16
 from qwen_grpc.engine.head import ExactHead, LogitsHead, RankedHead
 from qwen_grpc.engine.quantize import Int8Linear, Int8Table, int8_kernel_fits, int8_rows
-
-PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 class DenseTable(nn.Module):
@@ -82,9 +79,7 @@ def prepare_weights(
     head_dense = dense if tied else DenseTable(head_weight.clone())
     if precision == "float32":
         return PreparedWeights(_dense, dense, ExactHead(head_dense.weight))
-    linear: Callable[[torch.Tensor, torch.Tensor | None], nn.Module] = (
-        _packed_bf16 if can_pack_bf16() else _dense
-    )
+    linear: LinearFactory = _packed_bf16 if can_pack_bf16() else _dense
     return PreparedWeights(
         linear, dense, RankedHead(*int8_rows(head_dense.weight), head_dense.rows)
     )
