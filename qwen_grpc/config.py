@@ -55,6 +55,13 @@ class Settings:
     kv_cache_tokens: int = field(
         default=16384, metadata={"help": "KV-cache budget in tokens over all running sequences"}
     )
+    max_prefill_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "padded prompt tokens in one prefill pass, which stalls every running "
+            "stream while it runs; a longer prompt runs alone"
+        },
+    )
     default_max_new_tokens: int = field(
         default=256, metadata={"help": "max_new_tokens when a request leaves it unset"}
     )

@@ -159,6 +159,7 @@ def scheduler_limits(settings: Settings) -> SchedulerLimits:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         kv_cache_tokens=settings.kv_cache_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
     )
 
 

@@ -265,6 +265,42 @@ def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype:
     assert all(1 <= f.usage.completion_tokens <= 6 for f in finals)
 
 
+def test_a_prefill_pass_stays_within_its_token_budget(tiny_model: LoadedModel) -> None:
+    prefills: list[tuple[int, int]] = []
+
+    class Recorder:
+        def on_step(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
+            if kind == "prefill":
+                prefills.append((batch_size, tokens))
+
+    tokenizer = SharedTokenizer(tiny_model.tokenizer)
+    prompt = tuple(tokenizer.encode_chat([ChatMessage(Role.USER, "Tell me about the sea.")]))
+    budget = 2 * len(prompt) + 1
+    engine = Engine(
+        tiny_model, SchedulerLimits(max_prefill_tokens=budget), tokenizer, observer=Recorder()
+    )
+    engine.start()
+    try:
+        running = engine.submit(
+            GenerationRequest("running", prompt, SamplingParams(max_new_tokens=400, greedy=True))
+        )
+        next(iter(running))
+        # Queued within one decode step: without the budget they would prefill as one batch.
+        joiners = [
+            engine.submit(
+                GenerationRequest(f"j{i}", prompt, SamplingParams(max_new_tokens=4, greedy=True))
+            )
+            for i in range(4)
+        ]
+        finals = [collect(handle)[1] for handle in joiners]
+        running.cancel()
+    finally:
+        engine.stop()
+    assert all(final.usage.completion_tokens == 4 for final in finals)
+    assert sum(batch for batch, _ in prefills) == 5
+    assert all(tokens <= budget for _, tokens in prefills), prefills
+
+
 def test_detokenizing_does_not_wait_for_a_huge_prompt_being_tokenized(
     tiny_model: LoadedModel,
 ) -> None:

@@ -60,6 +60,9 @@ class SchedulerLimits:
     max_batch_size: int = 8
     max_queue: int = 64
     kv_cache_tokens: int = 16384
+    max_prefill_tokens: int = 4096
+    """Rows times the longest prompt in one prefill pass. A prefill stalls every running
+    stream, and one of 16k fp32 tokens outlasts the watchdog; a longer prompt runs alone."""
 
 
 class RequestHandle:
@@ -262,15 +265,21 @@ class Engine:
         self._pending = waiting
 
     def _admit(self) -> list[_Sequence]:
-        """Takes queued requests, oldest first, while batch slots and the KV budget allow."""
+        """Takes queued requests, oldest first, while batch slots, the KV budget and the prefill
+        budget allow; the rest join at a later step boundary."""
         reserved = sum(seq.reserved_tokens for seq in self._rows)
         admitted: list[_Sequence] = []
+        longest = 0
         while self._pending and len(self._rows) + len(admitted) < self.limits.max_batch_size:
             candidate = self._pending[0]
             if reserved + candidate.reserved_tokens > self.limits.kv_cache_tokens:
                 break
+            widest = max(longest, len(candidate.request.prompt_ids))
+            if admitted and widest * (len(admitted) + 1) > self.limits.max_prefill_tokens:
+                break
             self._pending.popleft()
             reserved += candidate.reserved_tokens
+            longest = widest
             admitted.append(candidate)
         return admitted
 
