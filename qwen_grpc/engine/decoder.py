@@ -144,7 +144,7 @@ class Decoder:
             part.view(batch, tokens, -1, head_dim).transpose(1, 2)
             for part in qkv.split(self.shape.widths, dim=-1)
         )
-        keys, values = layer_cache.append(_rotate(keys, cos, sin), values)
+        layer_cache.append(_rotate(keys, cos, sin), values)
         queries = _rotate(queries, cos, sin)
         if tokens == 1:
             assert mask is not None, "a decode step always has its bias"
@@ -152,8 +152,7 @@ class Decoder:
         else:
             attended = functional.scaled_dot_product_attention(
                 queries,
-                keys,
-                values,
+                *layer_cache.states(),
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=self._scale,

@@ -58,8 +58,8 @@ class LayerCache:
             raise RuntimeError("the cache layer is empty")
         return self._keys[..., : self._width, :], self._values[..., : self._width, :]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the new columns and returns every column so far."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes the new columns (growing the buffers if they are full)."""
         if self._keys is None:
             self._set(keys[..., :0, :], values[..., :0, :], spare=keys.shape[-2])
         self.reserve(keys.shape[-2])
@@ -68,7 +68,6 @@ class LayerCache:
         self._keys[..., self._width : end, :] = keys
         self._values[..., self._width : end, :] = values
         self._width = end
-        return self.states()
 
     def _set(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
         """Copies ``keys``/``values`` into fresh buffers with room for ``spare`` more columns.
