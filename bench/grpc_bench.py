@@ -78,7 +78,6 @@ def bench_server(
         info = grpc_load.model_info(server.address)
         record: dict[str, Any] = {
             "dtype": info.dtype,
-            "server_default": dtype is None,
             "server": {
                 "command": server.command,
                 "load_s": round(server.load_s or 0.0, 2),

@@ -72,7 +72,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     for dtype, run in results["grpc"].items():
         lines += [
             "",
-            f"## gRPC, `{dtype}`" + (" (server default)" if run.get("server_default") else ""),
+            f"## gRPC, `{dtype}`",
         ]
         if "error" in run:
             lines += ["", f"failed: {run['error']}"]

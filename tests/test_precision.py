@@ -1,4 +1,4 @@
-"""bf16 and int8 must answer like float32: next-token agreement on the demo model, and Paris."""
+"""Answers like float32: greedy conversations through ``auto``, next-token agreement per mode."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen_grpc.engine.fidelity import greedy_answers, matching_answers
 from qwen_grpc.engine.model import LoadedModel, load_model
 from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
@@ -24,6 +25,28 @@ TEXT = (
     "to see its museums, its churches and the river that runs through its heart."
 )
 
+
+# Held out from the start-up calibration (``fidelity.CALIBRATION_CHATS``) but for the three
+# conversations on which bf16 answered nonsense or ran to the length limit on an Intel AMX host.
+CONVERSATIONS: tuple[tuple[ChatMessage, ...], ...] = (
+    (ChatMessage(Role.USER, "What is the capital of France?"),),
+    (
+        ChatMessage(Role.SYSTEM, "You are a concise assistant."),
+        ChatMessage(Role.USER, "What is the capital of France?"),
+    ),
+    (ChatMessage(Role.USER, "用一句话介绍北京。"),),
+    (ChatMessage(Role.USER, "Name three primary colors."),),
+    (ChatMessage(Role.USER, "Explain photosynthesis in two sentences."),),
+    (
+        ChatMessage(Role.SYSTEM, "You are a pirate."),
+        ChatMessage(Role.USER, "How are you today?"),
+    ),
+    (ChatMessage(Role.USER, "What is 12 times 7?"),),
+    (
+        ChatMessage(Role.SYSTEM, "Answer in one short sentence."),
+        ChatMessage(Role.USER, "Why is the sky blue?"),
+    ),
+)
 
 # int8 is per-channel int8 of weights that the demo model ships as Q4_1 (4-bit, per group of
 # 32): re-quantizing that grid per row costs it about 5 % of greedy choices.
@@ -69,3 +92,27 @@ def test_reduced_precision_agrees_with_float32_and_still_knows_paris(
     agreement = float((choices == float32_choices).float().mean())
     assert agreement >= MIN_AGREEMENT[dtype], f"{dtype} agrees with float32 on {agreement:.1%}"
     assert "Paris" in answer(model, "What is the capital of France?")
+
+
+ANSWER_TOKENS = 24
+# float32 on another CPU kind sums in another order: last-bit differences, about 1e-4 logits
+# here, against a narrowest float32 margin of 0.0016 logits along these answers (the "The" over
+# "La" after "You are a concise assistant."). One conversation of slack covers a margin that
+# thin; bf16 answered 2 of 8 like float32 on an AMD EPYC, int8 3 of 8.
+MIN_MATCHING_CONVERSATIONS = len(CONVERSATIONS) - 1
+
+
+def conversation_answers(model: LoadedModel) -> list[list[int]]:
+    tokenizer = SharedTokenizer(model.tokenizer)
+    prompts = [tokenizer.encode_chat(conversation) for conversation in CONVERSATIONS]
+    return greedy_answers(model, prompts, ANSWER_TOKENS)
+
+
+def test_auto_answers_held_out_conversations_like_float32(demo_dir: Path) -> None:
+    reference = conversation_answers(load_model(demo_dir, "float32", threads=0))
+    model = load_model(demo_dir, "auto", threads=0)
+    matched = matching_answers(conversation_answers(model), reference)
+    assert matched >= MIN_MATCHING_CONVERSATIONS, (
+        f"auto chose {model.dtype}, which answers {matched} of {len(CONVERSATIONS)} "
+        "conversations like float32"
+    )

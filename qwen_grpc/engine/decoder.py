@@ -4,10 +4,12 @@ transformers' modules cost a small model's decode step milliseconds of Python pe
 layer they dispatch through attention registries, build masks and check options) and run
 decode attention through a CPU kernel built for long queries. On this project's 2-core CPU a
 Qwen1.5-0.5B bf16 decode step took 25.9 ms through them and 18.6 ms here, with the same linear
-kernels (``python -m bench.profile_step``). This runs the same arithmetic as transformers
-(RMSNorm in float32, rotary embedding in the model's dtype, the same scaling; float32 logits
-are bit-identical on the demo model), with the q/k/v and gate/up projections fused into one
-matrix each, and nothing else per layer. The weights come from a loaded transformers model,
+kernels (``python -m bench.profile_step``). In float32 this is transformers' arithmetic (the
+logits are bit-identical on the demo model). In a reduced precision it departs from
+transformers where transformers loses accuracy: the residual stream, the norms, the rotary
+embedding, the SiLU gate and the softmax stay float32, as in llama.cpp, and only a matmul's
+input is rounded. Adding residuals in bf16 flipped greedy answers of the demo model. The q/k/v
+and gate/up projections are fused into one matrix each, and nothing else runs per layer. The weights come from a loaded transformers model,
 which can then be released.
 """
 
@@ -56,20 +58,17 @@ class DecoderLayer:
 
 
 class Rotary:
-    """Rotary position embedding with transformers' formula: float32 angles, model-dtype product."""
+    """Rotary position embedding with transformers' formula, all in float32."""
 
-    def __init__(self, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype) -> None:
+    def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
         self._inv_freq = inv_freq.float()
         self._scaling = scaling
-        self._dtype = dtype
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[batch, 1, tokens, head_dim]`` for integer ``positions [batch, tokens]``."""
         angles = positions.unsqueeze(-1).float() * self._inv_freq
         doubled = torch.cat((angles, angles), dim=-1).unsqueeze(1)
-        cos = doubled.cos() * self._scaling
-        sin = doubled.sin() * self._scaling
-        return cos.to(self._dtype), sin.to(self._dtype)
+        return doubled.cos() * self._scaling, doubled.sin() * self._scaling
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,6 +88,7 @@ class Decoder:
         rotary: Rotary,
         shape: AttentionShape,
         eps: float,
+        compute_dtype: torch.dtype,
     ) -> None:
         self.embedding = embedding
         self.layers = layers
@@ -96,6 +96,7 @@ class Decoder:
         self.rotary = rotary
         self.shape = shape
         self.eps = eps
+        self.compute_dtype = compute_dtype
         self._scale = 1.0 / math.sqrt(shape.head_dim)
 
     def __call__(
@@ -110,7 +111,7 @@ class Decoder:
         ``key_mask [batch, width]`` marks the real (1) and padding (0) columns of the cache as it
         will be after this call, the new tokens being its last ``tokens`` columns.
         """
-        hidden = self.embedding(input_ids)
+        hidden = self.embedding(input_ids).float()
         cos, sin = self.rotary.tables(positions)
         tokens = input_ids.shape[1]
         mask: torch.Tensor | None
@@ -120,13 +121,17 @@ class Decoder:
             mask = _prefill_mask(key_mask, tokens)
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             hidden = hidden + self._attend(layer, layer_cache, hidden, cos, sin, mask)
-            gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
-            hidden = hidden + layer.down(functional.silu(gate) * up)
+            gate, up = (
+                layer.gate_up(self._norm(hidden, layer.post_norm).to(self.compute_dtype))
+                .float()
+                .chunk(2, dim=-1)
+            )
+            hidden = hidden + layer.down((functional.silu(gate) * up).to(self.compute_dtype))
         return self._norm(hidden, self.final_norm)
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        normed = functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.eps)
-        return weight * normed.to(hidden.dtype)
+        """float32 in and out: only a matmul's input is rounded to the compute dtype."""
+        return weight * functional.rms_norm(hidden, (hidden.shape[-1],), eps=self.eps)
 
     def _attend(
         self,
@@ -139,13 +144,13 @@ class Decoder:
     ) -> torch.Tensor:
         batch, tokens, _ = hidden.shape
         head_dim = self.shape.head_dim
-        qkv = layer.qkv(self._norm(hidden, layer.input_norm))
+        qkv = layer.qkv(self._norm(hidden, layer.input_norm).to(self.compute_dtype))
         queries, keys, values = (
             part.view(batch, tokens, -1, head_dim).transpose(1, 2)
             for part in qkv.split(self.shape.widths, dim=-1)
         )
-        layer_cache.append(_rotate(keys, cos, sin), values)
-        queries = _rotate(queries, cos, sin)
+        layer_cache.append(_rotate(keys.float(), cos, sin).to(self.compute_dtype), values)
+        queries = _rotate(queries.float(), cos, sin).to(self.compute_dtype)
         if tokens == 1:
             assert mask is not None, "a decode step always has its bias"
             attended = self._attend_one(queries, *layer_cache.buffers(), mask)
@@ -206,8 +211,11 @@ def _prefill_mask(key_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
     return allowed.unsqueeze(1)
 
 
-def build_decoder(model: PreTrainedModel, linear: LinearFactory, embedding: nn.Module) -> Decoder:
-    """Takes the weights out of a transformers Llama/Qwen2 model; ``linear`` picks the kernel.
+def build_decoder(
+    model: PreTrainedModel, linear: LinearFactory, embedding: nn.Module, compute_dtype: torch.dtype
+) -> Decoder:
+    """Takes the weights out of a transformers Llama/Qwen2 model; ``linear`` picks the kernel,
+    ``compute_dtype`` is what it expects as input.
 
     Every projection is built from the model's weight as it is (fused with its siblings), so the
     caller can drop the transformers model afterwards.
@@ -226,18 +234,12 @@ def build_decoder(model: PreTrainedModel, linear: LinearFactory, embedding: nn.M
     return Decoder(
         embedding=embedding,
         layers=[_build_layer(block, linear) for block in blocks.children()],
-        final_norm=_weight(model, "model.norm").clone(),
-        rotary=Rotary(
-            inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), compute_dtype(model)
-        ),
+        final_norm=_norm_weight(model, "model.norm"),
+        rotary=Rotary(inv_freq, float(getattr(rotary, "attention_scaling", 1.0))),
         shape=shape,
         eps=float(config.rms_norm_eps),
+        compute_dtype=compute_dtype,
     )
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model computes in (that of its weights)."""
-    return next(model.parameters()).dtype
 
 
 def _build_layer(block: nn.Module, linear: LinearFactory) -> DecoderLayer:
@@ -246,10 +248,10 @@ def _build_layer(block: nn.Module, linear: LinearFactory) -> DecoderLayer:
     qkv_bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
     gate_up = torch.cat([_weight(block, "mlp.gate_proj"), _weight(block, "mlp.up_proj")])
     return DecoderLayer(
-        input_norm=_weight(block, "input_layernorm").clone(),
+        input_norm=_norm_weight(block, "input_layernorm"),
         qkv=linear(torch.cat(projections), qkv_bias),
         output=linear(_weight(block, "self_attn.o_proj"), _bias(block, "self_attn.o_proj")),
-        post_norm=_weight(block, "post_attention_layernorm").clone(),
+        post_norm=_norm_weight(block, "post_attention_layernorm"),
         gate_up=linear(gate_up, None),
         down=linear(_weight(block, "mlp.down_proj"), None),
     )
@@ -257,6 +259,11 @@ def _build_layer(block: nn.Module, linear: LinearFactory) -> DecoderLayer:
 
 def _weight(root: nn.Module, name: str) -> torch.Tensor:
     return root.get_parameter(f"{name}.weight").detach()
+
+
+def _norm_weight(root: nn.Module, name: str) -> torch.Tensor:
+    """A float32 copy: norms run on the float32 residual stream whatever the compute dtype."""
+    return _weight(root, name).float().clone()
 
 
 def _bias(root: nn.Module, name: str) -> torch.Tensor | None:

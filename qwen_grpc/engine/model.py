@@ -6,6 +6,7 @@ that thread starts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -15,29 +16,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from qwen_grpc.engine.cpu import cpu_info
 from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError, build_decoder
+from qwen_grpc.engine.fidelity import CALIBRATION_CHATS, PrecisionChoice, choose_precision
 from qwen_grpc.engine.head import LogitsHead
 from qwen_grpc.engine.kv_cache import BatchKVCache
 from qwen_grpc.engine.memory import map_large_blocks, release_free_memory
-from qwen_grpc.engine.precision import prepare_weights
+from qwen_grpc.engine.precision import candidate_precisions, prepare_weights
+from qwen_grpc.engine.prompt import SharedTokenizer
 
 _LOGGER = logging.getLogger(__name__)
-
-
-def cpu_has_native_bf16() -> bool:
-    """bf16 halves memory traffic, but only pays off where the CPU computes it natively."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str) -> str:
-    """``auto`` becomes the fastest precision this CPU runs without loss of answers."""
-    if name != "auto":
-        return name
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 @dataclass
@@ -115,52 +103,78 @@ def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig
     return frozenset(ids)
 
 
-def _build(model: PreTrainedModel, precision: str) -> tuple[Decoder, LogitsHead]:
+def _build(model: PreTrainedModel, precision: str, copy: bool = True) -> tuple[Decoder, LogitsHead]:
     embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
     if not isinstance(embedding, torch.nn.Embedding) or not isinstance(output, torch.nn.Linear):
         raise UnsupportedModelError("the model has no plain embedding table and output layer")
     if output.bias is not None:
         raise UnsupportedModelError("an output layer with a bias is not supported")
-    weights = prepare_weights(embedding.weight.detach(), output.weight.detach(), precision)
-    return build_decoder(model, weights.linear, weights.embedding), weights.head
+    weights = prepare_weights(embedding.weight.detach(), output.weight.detach(), precision, copy)
+    decoder = build_decoder(model, weights.linear, weights.embedding, weights.compute_dtype)
+    return decoder, weights.head
 
 
-def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
-    """Loads weights with low peak memory in the requested precision."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    map_large_blocks()
-    started = time.perf_counter()
-    resolved = resolve_dtype(dtype)
-    torch_dtype = torch.float32 if resolved == "float32" else torch.bfloat16
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    decoder, head = _build(model, resolved)
+def _loaded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    generation_config: GenerationConfig,
+    precision: str,
+    copy: bool = True,
+) -> LoadedModel:
+    decoder, head = _build(model, precision, copy)
     config = model.config
-    # The decoder holds its own copies; dropping the model unmaps the checkpoint.
-    del model
-    release_free_memory()
-    try:
-        generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        generation_config = GenerationConfig()
-    context_length = int(getattr(config, "max_position_embeddings", 2048))
-    _LOGGER.info(
-        "loaded %s as %s in %.1f s (context %d, %d threads)",
-        path,
-        resolved,
-        time.perf_counter() - started,
-        context_length,
-        torch.get_num_threads(),
-    )
     return LoadedModel(
         decoder=decoder,
         tokenizer=tokenizer,
         generation_config=generation_config,
-        dtype=resolved,
-        context_length=context_length,
+        dtype=precision,
+        context_length=int(getattr(config, "max_position_embeddings", 2048)),
         vocab_size=int(config.vocab_size),
         stop_token_ids=_stop_token_ids(tokenizer, generation_config),
         head=head,
     )
+
+
+def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
+    """Loads weights with low peak memory in the requested precision (``auto``: see
+    ``fidelity.py``)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    map_large_blocks()
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation_config = GenerationConfig()
+    # bf16 and int8 are made from bf16 weights; auto needs float32's as its reference.
+    load_dtype = torch.float32 if dtype in ("auto", "float32") else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
+
+    loaded = functools.partial(_loaded, model, tokenizer, generation_config)
+    cpu = cpu_info()
+    if dtype == "auto":
+        encoder = SharedTokenizer(tokenizer)
+        result, choice = choose_precision(
+            candidate_precisions(cpu),
+            loaded,
+            loaded("float32", copy=False),
+            [encoder.encode_chat(chat) for chat in CALIBRATION_CHATS],
+        )
+    else:
+        result, choice = loaded(dtype), PrecisionChoice(dtype, "as configured")
+    # The decoder holds its own copies; dropping the model unmaps the checkpoint.
+    del model, loaded
+    release_free_memory()
+    _LOGGER.info(
+        "loaded %s in %.1f s (context %d, %d threads); CPU %s; precision %s: %s",
+        path,
+        time.perf_counter() - started,
+        result.context_length,
+        torch.get_num_threads(),
+        cpu.describe(),
+        choice.precision,
+        choice.reason,
+    )
+    return result

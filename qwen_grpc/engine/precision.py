@@ -1,5 +1,8 @@
 """Weights in the form each precision computes with: linear kernels, embedding table, head.
 
+Every precision keeps the residual stream, norms, rotary embedding and softmax in float32
+(as llama.cpp does); the precision is what a matmul reads: its weights and its input.
+
 * ``float32``: plain ``F.linear``, exact logits. The reference the others are measured against.
 * ``bfloat16``: linears packed for oneDNN (bit-identical to ``F.linear``, 3-4x faster GEMV on
   AVX512-BF16); an int8 head ranks the vocabulary and the top logits are recomputed from the
@@ -16,14 +19,17 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from qwen_grpc.engine.cpu import CpuInfo
 from qwen_grpc.engine.decoder import LinearFactory
 from qwen_grpc.engine.fast_linear import DenseLinear, PackedBf16Linear, can_pack_bf16
 from qwen_grpc.engine.head import ExactHead, LogitsHead, RankedHead
 from qwen_grpc.engine.quantize import Int8Linear, Int8Table, int8_kernel_fits, int8_rows
 
+PRECISIONS = ("float32", "bfloat16", "int8")
+
 
 class DenseTable(nn.Module):
-    """An embedding table in the model's dtype, also the exact rows of a tied head."""
+    """An embedding table in the compute dtype, also the exact rows of a tied head."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -43,43 +49,63 @@ class PreparedWeights:
     linear: LinearFactory
     embedding: nn.Module
     head: LogitsHead
+    compute_dtype: torch.dtype
 
 
-def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """Copies, so nothing keeps the memory-mapped checkpoint alive once the model is dropped."""
-    return DenseLinear(weight.clone(), None if bias is None else bias.clone())
+def _dense(copy: bool) -> LinearFactory:
+    """Copies unless asked not to, so nothing keeps the memory-mapped checkpoint alive once the
+    model is dropped; a short-lived reference (see ``fidelity.py``) shares the model's tensors."""
+
+    def build(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        if not copy:
+            return DenseLinear(weight, bias)
+        return DenseLinear(weight.clone(), None if bias is None else bias.clone())
+
+    return build
 
 
 def _packed_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     return PackedBf16Linear(weight, None if bias is None else bias.clone())
 
 
-def _int8(dtype: torch.dtype) -> LinearFactory:
-    def build(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        if int8_kernel_fits(weight):
-            return Int8Linear(weight, bias, dtype)
-        return _dense(weight, bias)
+def _int8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    if int8_kernel_fits(weight):
+        return Int8Linear(weight, bias, torch.bfloat16)
+    return DenseLinear(weight.to(torch.bfloat16, copy=True), _converted(bias, torch.bfloat16))
 
-    return build
+
+def _converted(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype, copy=True)
+
+
+def candidate_precisions(cpu: CpuInfo) -> list[str]:
+    """The precisions ``auto`` may pick on this CPU, fastest first; float32 is always last."""
+    faster = ["bfloat16"] if cpu.native_bf16 else []
+    return [*faster, "float32"]
 
 
 def prepare_weights(
-    embedding_weight: torch.Tensor, head_weight: torch.Tensor, precision: str
+    embedding_weight: torch.Tensor, head_weight: torch.Tensor, precision: str, copy: bool = True
 ) -> PreparedWeights:
     """Builds the embedding and head once, sharing one table when the model ties them."""
     tied = head_weight.data_ptr() == embedding_weight.data_ptr()
-    dtype = embedding_weight.dtype
     if precision == "int8":
-        table = Int8Table(embedding_weight, dtype)
-        head_table = table if tied else Int8Table(head_weight, dtype)
-        return PreparedWeights(
-            _int8(dtype), table, RankedHead(head_table.values, head_table.scales, head_table.rows)
-        )
-    dense = DenseTable(embedding_weight.clone())
-    head_dense = dense if tied else DenseTable(head_weight.clone())
+        table = Int8Table(embedding_weight, torch.bfloat16)
+        head_table = table if tied else Int8Table(head_weight, torch.bfloat16)
+        head = RankedHead(head_table.values, head_table.scales, head_table.rows)
+        return PreparedWeights(_int8, table, head, torch.bfloat16)
     if precision == "float32":
-        return PreparedWeights(_dense, dense, ExactHead(head_dense.weight))
-    linear: LinearFactory = _packed_bf16 if can_pack_bf16() else _dense
-    return PreparedWeights(
-        linear, dense, RankedHead(*int8_rows(head_dense.weight), head_dense.rows)
-    )
+        dense = DenseTable(embedding_weight.float().clone() if copy else embedding_weight.float())
+        head_dense = dense if tied else DenseTable(head_weight.float().clone())
+        return PreparedWeights(_dense(copy), dense, ExactHead(head_dense.weight), torch.float32)
+    if precision != "bfloat16":
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    dense = DenseTable(embedding_weight.to(torch.bfloat16, copy=True))
+    head_dense = dense if tied else DenseTable(head_weight.to(torch.bfloat16, copy=True))
+    linear: LinearFactory = _packed_bf16 if can_pack_bf16() else _dense_bf16
+    head = RankedHead(*int8_rows(head_dense.weight), head_dense.rows)
+    return PreparedWeights(linear, dense, head, torch.bfloat16)
+
+
+def _dense_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    return DenseLinear(weight.to(torch.bfloat16, copy=True), _converted(bias, torch.bfloat16))
