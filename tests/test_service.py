@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from grpc_status import rpc_status
 from transformers import AutoTokenizer
 
+from qwen_grpc.service import ChatServicer
 from qwen_grpc.v1 import chat_pb2
 from tests.conftest import RunningServer
 
@@ -274,3 +275,47 @@ def test_bytes_that_do_not_parse_are_invalid_argument_not_internal(
             list(response)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request" in bad_request_fields(caught.value)
+
+
+class EndedCallContext:
+    """A servicer context whose call ended already: ``add_callback`` refuses, as grpc does."""
+
+    def __init__(self) -> None:
+        self.aborted: grpc.Status | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self.aborted = status
+        raise grpc.RpcError(status.details)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["Chat", "StreamChat"])
+def test_a_call_that_ended_before_its_cancel_callback_was_registered_is_cancelled_at_once(
+    tiny_server: RunningServer, streaming: bool
+) -> None:
+    servicer = ChatServicer()
+    servicer.attach(tiny_server.server.servicer.runtime)
+    context = EndedCallContext()
+    options = greedy(400)
+    with pytest.raises(grpc.RpcError):
+        if streaming:
+            request = chat_pb2.StreamChatRequest(
+                messages=user("Tell a long story"), options=options
+            )
+            events = list(servicer.StreamChat(request, context))  # type: ignore[arg-type]
+            assert all(e.WhichOneof("event") == "delta" for e in events)
+        else:
+            servicer.Chat(
+                chat_pb2.ChatRequest(messages=user("Tell a long story"), options=options),
+                context,  # type: ignore[arg-type]
+            )
+    assert context.aborted is not None
+    assert context.aborted.code == grpc.StatusCode.CANCELLED
