@@ -79,7 +79,12 @@ class Settings:
     reflection: bool = field(default=True, metadata={"help": "serve gRPC server reflection"})
     warmup: bool = field(default=True, metadata={"help": "run one generation before SERVING"})
     grace_seconds: float = field(
-        default=30.0, metadata={"help": "on SIGTERM, time in-flight calls get to finish"}
+        default=0.0,
+        metadata={
+            "help": "on SIGTERM, time in-flight calls get to finish; 0 = max_deadline_seconds, "
+            "the longest a chat call may run, so a drain cuts none (with no maximum deadline "
+            "the drain waits for every call)"
+        },
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     drain_delay_seconds: float = field(
@@ -196,6 +201,20 @@ class Settings:
             "help": "NOT_SERVING when the engine makes no progress this long with work pending"
         },
     )
+
+    @property
+    def longest_call_seconds(self) -> float | None:
+        """The longest a chat call may run: the maximum deadline, or ``None`` with no maximum.
+
+        Whatever waits for calls in flight (a drain, a connection past its age) waits this long,
+        so it never cuts a call the server accepted.
+        """
+        return self.max_deadline_seconds if self.max_deadline_seconds > 0 else None
+
+    @property
+    def drain_grace_seconds(self) -> float | None:
+        """How long a drain waits for calls in flight; ``None`` = until every one has ended."""
+        return self.grace_seconds if self.grace_seconds > 0 else self.longest_call_seconds
 
     @classmethod
     def from_sources(

@@ -140,9 +140,12 @@ class QwenServer:
         self.health.enter_graceful_shutdown()
         if self.engine is not None:
             time.sleep(self.settings.drain_delay_seconds)
-        grace = self.settings.grace_seconds if grace is None else grace
-        _LOGGER.info("draining for up to %.0f s", grace)
-        self._grpc.stop(grace).wait()
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        if grace is None:
+            _LOGGER.info("draining until every call has ended")
+        else:
+            _LOGGER.info("draining for up to %.0f s", grace)
+        self._grpc.stop(threading.TIMEOUT_MAX if grace is None else grace).wait()
         if self._watchdog is not None:
             self._watchdog.stop()
         if self.engine is not None:

@@ -136,10 +136,26 @@ def test_service_is_headless_grpc_and_selects_the_pods() -> None:
     assert service["selector"].items() <= pod_labels.items()
 
 
+def _configured_settings() -> Settings:
+    """The server's settings in the pod: the ConfigMap over the defaults."""
+    return Settings.from_sources([], environ=_configmap_env())
+
+
+def test_the_drain_outlasts_every_call_the_server_accepted() -> None:
+    """A drain shorter than the longest call cuts streams mid-reply."""
+    settings = _configured_settings()
+    longest = settings.longest_call_seconds
+    assert longest is not None, "with no maximum deadline no grace period is long enough"
+    assert settings.drain_grace_seconds is not None
+    assert settings.drain_grace_seconds >= longest
+
+
 def test_termination_grace_covers_the_prestop_pause_and_the_drain() -> None:
     """Past terminationGracePeriodSeconds the kubelet sends SIGKILL mid-drain."""
     pod = _one("Deployment")["spec"]["template"]["spec"]
-    drain = float(_configmap_env().get(ENV_PREFIX + "GRACE_SECONDS", Settings().grace_seconds))
+    settings = _configured_settings()
+    assert settings.drain_grace_seconds is not None
+    drain = settings.drain_delay_seconds + settings.drain_grace_seconds
     pre_stop = _container().get("lifecycle", {}).get("preStop", {}).get("sleep", {})
     assert pod["terminationGracePeriodSeconds"] > pre_stop.get("seconds", 0) + drain
 
