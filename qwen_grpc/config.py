@@ -126,7 +126,8 @@ class Settings:
         default=0.0,
         metadata={
             "help": "close connections after this long so clients re-resolve DNS and rebalance "
-            "(calls in flight get max_deadline_seconds to finish); 0 = never"
+            "(calls in flight get max_deadline_seconds to finish, or all the time they need "
+            "when there is no maximum); 0 = never"
         },
     )
     default_deadline_seconds: float = field(

@@ -186,7 +186,9 @@ def _transport_options(settings: Settings) -> list[tuple[str, int]]:
     ]
     if settings.max_connection_age_seconds > 0:
         options.append(("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)))
-        options.append(("grpc.max_connection_age_grace_ms", ms(settings.max_deadline_seconds)))
+        # Without a longest call, gRPC's own default applies: no limit on the grace.
+        if settings.longest_call_seconds is not None:
+            options.append(("grpc.max_connection_age_grace_ms", ms(settings.longest_call_seconds)))
     return options
 
 

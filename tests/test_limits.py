@@ -20,11 +20,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from grpc_status import rpc_status
 
+from harness.steps import StepGate
 from qwen_grpc.config import Settings
 from qwen_grpc.engine.scheduler import Engine
 from qwen_grpc.interceptors.rate_limit import TokenBuckets
 from qwen_grpc.server import _max_prompt_tokens
-from qwen_grpc.v1 import chat_pb2
+from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from tests.conftest import RunningServer, ServerMaker
 
 MESSAGES = [chat_pb2.Message(role=chat_pb2.ROLE_USER, content="Tell a long story")]
@@ -307,6 +308,33 @@ def test_keepalive_enforcement_sends_ping_flooders_away(make_server: ServerMaker
     # GOAWAY too_many_pings drops the strict server's connection; the lenient one stays READY.
     assert results["strict"][-1] != "READY"
     assert results["lenient"][-1] == "READY"
+
+
+def test_a_connection_past_its_age_lets_its_calls_finish_when_deadlines_have_no_maximum(
+    make_server: ServerMaker,
+) -> None:
+    running = make_server(max_connection_age_seconds=0.3, max_deadline_seconds=0.0)
+    channel = grpc.insecure_channel(running.server.address)
+    states: list[grpc.ChannelConnectivity] = []
+    aged = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if grpc.ChannelConnectivity.READY in states and state != grpc.ChannelConnectivity.READY:
+            aged.set()  # the server's GOAWAY: the connection reached its age
+
+    channel.subscribe(on_state, try_to_connect=True)
+    try:
+        with StepGate(engine_of(running)) as gate:
+            gate.hold()
+            call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(stream(40), timeout=60)
+            assert gate.held.wait(30), "the stream never started decoding"
+            assert aged.wait(30), "the connection never reached its maximum age"
+            gate.release()
+            events = list(call)
+    finally:
+        channel.close()
+    assert events[-1].WhichOneof("event") == "final"
 
 
 # -- cancellation ----------------------------------------------------------------------------
