@@ -8,6 +8,7 @@ stop accepting calls and let in-flight ones finish within the grace period, rele
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,6 +37,9 @@ from qwen_grpc.watchdog import EngineWatchdog
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = CHAT_SERVICE_NAME
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# A second SIGTERM/SIGINT exits with 128 + the signal's number, as a shell reports a process
+# that the signal killed.
+FORCED_EXIT_BASE = 128
 
 
 class QwenServer:
@@ -216,13 +220,23 @@ def _warm_up(engine: Engine, max_new_tokens: int) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Runs until SIGTERM or SIGINT, then drains; returns the process exit code."""
+    """Runs until SIGTERM or SIGINT, then drains; returns the process exit code.
+
+    A second SIGTERM or SIGINT during the drain exits at once (code 128 + the signal).
+    """
     server = QwenServer(settings)
     stop = threading.Event()
     failure: list[BaseException] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        _LOGGER.info("received %s", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # An operator who asks twice wants out now; the drain's threads would keep a normal
+            # exit waiting, so leave without them.
+            _LOGGER.warning("received %s again: exiting without finishing the drain", name)
+            logging.shutdown()
+            os._exit(FORCED_EXIT_BASE + signum)
+        _LOGGER.info("received %s: draining (send it again to exit at once)", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
