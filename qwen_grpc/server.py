@@ -56,7 +56,7 @@ class QwenServer:
         self._watchdog: EngineWatchdog | None = None
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=settings.max_workers, thread_name_prefix="grpc-handler"
+                max_workers=settings.handler_threads, thread_name_prefix="grpc-handler"
             ),
             interceptors=build_interceptors(settings, self.metrics),
             options=[

@@ -161,7 +161,8 @@ def test_token_buckets_refill_at_the_rate_and_forget_idle_clients() -> None:
 
 
 def test_concurrent_generations_are_capped_and_slots_come_back(make_server: ServerMaker) -> None:
-    running = make_server(max_concurrent_generations=2)
+    # The cap is batch + queue = 2 here; the borrowed engine itself has room for many more.
+    running = make_server(max_batch_size=1, max_queue=1)
     streams = [running.stub.StreamChat(stream()) for _ in range(2)]
     for call in streams:
         next(call)
@@ -181,6 +182,41 @@ def test_concurrent_generations_are_capped_and_slots_come_back(make_server: Serv
             assert time.monotonic() < deadline, "the cancelled stream's slot never came back"
             time.sleep(0.02)
     streams[1].cancel()
+
+
+def test_with_the_default_limits_a_full_queue_is_what_refuses_a_call(
+    make_server: ServerMaker,
+) -> None:
+    running = make_server()
+    settings = running.server.settings
+    engine = engine_of(running)
+    calls: list[Any] = []
+    with StepGate(engine) as gate:
+        gate.hold()
+        try:
+            calls.append(running.stub.StreamChat(stream(), timeout=60))
+            assert gate.held.wait(30), "the first stream never started decoding"
+            calls.extend(
+                running.stub.StreamChat(stream(), timeout=60) for _ in range(settings.max_queue)
+            )
+            assert gate.wait_for(lambda: engine.queued_requests == settings.max_queue), (
+                f"only {engine.queued_requests} of {settings.max_queue} calls reached the queue"
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                next(running.stub.StreamChat(stream(), timeout=60))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in caught.value.details()  # type: ignore[attr-defined]
+            assert retry_delay(caught.value) is not None
+            # Health checks still find a handler thread (this borrowed-model server never
+            # reports SERVING itself; that it answers is the point).
+            health_pb2_grpc.HealthStub(running.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        finally:
+            for call in calls:
+                call.cancel()
+        gate.release()
+        assert gate.steps_until_idle() <= 1
 
 
 # -- deadlines -------------------------------------------------------------------------------

@@ -53,6 +53,5 @@ def build_interceptors(
         if settings.rate_limit_per_second > 0
         else None
     )
-    if buckets is not None or settings.max_concurrent_generations > 0:
-        chain.append(RateLimitInterceptor(buckets, settings.max_concurrent_generations))
+    chain.append(RateLimitInterceptor(buckets, settings.max_concurrent_generations))
     return chain
