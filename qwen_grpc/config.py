@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 ENV_PREFIX = "QWEN_GRPC_"
 Dtype = Literal["auto", "float32", "bfloat16", "int8"]
+# Handler threads beyond the generations: health checks, CountTokens, GetModelInfo, reflection.
+SPARE_HANDLER_THREADS = 16
 
 
 def _default_cache_dir() -> Path:
@@ -76,12 +78,22 @@ class Settings:
         default=1 << 20, metadata={"help": "largest request message accepted, in bytes"}
     )
     max_workers: int = field(
-        default=64, metadata={"help": "gRPC handler threads (bounds concurrent calls)"}
+        default=0,
+        metadata={
+            "help": "gRPC handler threads (bounds concurrent calls); 0 = one per generation "
+            "the engine can hold (max_batch_size + max_queue) plus 16 for health checks and "
+            "other calls; must exceed max_batch_size + max_queue"
+        },
     )
     reflection: bool = field(default=True, metadata={"help": "serve gRPC server reflection"})
     warmup: bool = field(default=True, metadata={"help": "run one generation before SERVING"})
     grace_seconds: float = field(
-        default=30.0, metadata={"help": "on SIGTERM, time in-flight calls get to finish"}
+        default=0.0,
+        metadata={
+            "help": "on SIGTERM, time in-flight calls get to finish; 0 = max_deadline_seconds, "
+            "the longest a chat call may run, so a drain cuts none (with no maximum deadline "
+            "the drain waits for every call)"
+        },
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     drain_delay_seconds: float = field(
@@ -123,7 +135,8 @@ class Settings:
         default=0.0,
         metadata={
             "help": "close connections after this long so clients re-resolve DNS and rebalance "
-            "(calls in flight get max_deadline_seconds to finish); 0 = never"
+            "(calls in flight get max_deadline_seconds to finish, or all the time they need "
+            "when there is no maximum); 0 = never"
         },
     )
     default_deadline_seconds: float = field(
@@ -152,13 +165,6 @@ class Settings:
     rate_limit_burst: int = field(
         default=20,
         metadata={"help": "chat calls a client may make at once before the rate applies"},
-    )
-    max_concurrent_generations: int = field(
-        default=48,
-        metadata={
-            "help": "Chat/StreamChat calls in flight over all clients, past it RESOURCE_EXHAUSTED; "
-            "keep below max_workers so health checks find a thread; 0 = no cap"
-        },
     )
     auth_tokens_file: Path | None = field(
         default=None,
@@ -198,6 +204,44 @@ class Settings:
             "help": "NOT_SERVING when the engine makes no progress this long with work pending"
         },
     )
+
+    def __post_init__(self) -> None:
+        if 0 < self.max_workers <= self.max_concurrent_generations:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) must exceed max_batch_size + max_queue "
+                f"({self.max_concurrent_generations}), or health checks find no thread"
+            )
+
+    @property
+    def max_concurrent_generations(self) -> int:
+        """Chat/StreamChat calls in flight at once; past it they are RESOURCE_EXHAUSTED.
+
+        Every generation the engine can hold, running or queued. A smaller cap would refuse
+        calls while the queue has room, so "queue full" could never happen; a larger one would
+        only park calls on handler threads that health checks need.
+        """
+        return self.max_batch_size + self.max_queue
+
+    @property
+    def handler_threads(self) -> int:
+        """gRPC handler threads: ``max_workers``, else one per generation plus spares."""
+        if self.max_workers > 0:
+            return self.max_workers
+        return self.max_concurrent_generations + SPARE_HANDLER_THREADS
+
+    @property
+    def longest_call_seconds(self) -> float | None:
+        """The longest a chat call may run: the maximum deadline, or ``None`` with no maximum.
+
+        Whatever waits for calls in flight (a drain, a connection past its age) waits this long,
+        so it never cuts a call the server accepted.
+        """
+        return self.max_deadline_seconds if self.max_deadline_seconds > 0 else None
+
+    @property
+    def drain_grace_seconds(self) -> float | None:
+        """How long a drain waits for calls in flight; ``None`` = until every one has ended."""
+        return self.grace_seconds if self.grace_seconds > 0 else self.longest_call_seconds
 
     @classmethod
     def from_sources(

@@ -8,6 +8,7 @@ stop accepting calls and let in-flight ones finish within the grace period, rele
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,6 +37,9 @@ from qwen_grpc.watchdog import EngineWatchdog
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = CHAT_SERVICE_NAME
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# A second SIGTERM/SIGINT exits with 128 + the signal's number, as a shell reports a process
+# that the signal killed.
+FORCED_EXIT_BASE = 128
 
 
 class QwenServer:
@@ -52,7 +56,7 @@ class QwenServer:
         self._watchdog: EngineWatchdog | None = None
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=settings.max_workers, thread_name_prefix="grpc-handler"
+                max_workers=settings.handler_threads, thread_name_prefix="grpc-handler"
             ),
             interceptors=build_interceptors(settings, self.metrics),
             options=[
@@ -140,9 +144,12 @@ class QwenServer:
         self.health.enter_graceful_shutdown()
         if self.engine is not None:
             time.sleep(self.settings.drain_delay_seconds)
-        grace = self.settings.grace_seconds if grace is None else grace
-        _LOGGER.info("draining for up to %.0f s", grace)
-        self._grpc.stop(grace).wait()
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        if grace is None:
+            _LOGGER.info("draining until every call has ended")
+        else:
+            _LOGGER.info("draining for up to %.0f s", grace)
+        self._grpc.stop(threading.TIMEOUT_MAX if grace is None else grace).wait()
         if self._watchdog is not None:
             self._watchdog.stop()
         if self.engine is not None:
@@ -183,7 +190,9 @@ def _transport_options(settings: Settings) -> list[tuple[str, int]]:
     ]
     if settings.max_connection_age_seconds > 0:
         options.append(("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)))
-        options.append(("grpc.max_connection_age_grace_ms", ms(settings.max_deadline_seconds)))
+        # Without a longest call, gRPC's own default applies: no limit on the grace.
+        if settings.longest_call_seconds is not None:
+            options.append(("grpc.max_connection_age_grace_ms", ms(settings.longest_call_seconds)))
     return options
 
 
@@ -211,13 +220,23 @@ def _warm_up(engine: Engine, max_new_tokens: int) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Runs until SIGTERM or SIGINT, then drains; returns the process exit code."""
+    """Runs until SIGTERM or SIGINT, then drains; returns the process exit code.
+
+    A second SIGTERM or SIGINT during the drain exits at once (code 128 + the signal).
+    """
     server = QwenServer(settings)
     stop = threading.Event()
     failure: list[BaseException] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        _LOGGER.info("received %s", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # An operator who asks twice wants out now; the drain's threads would keep a normal
+            # exit waiting, so leave without them.
+            _LOGGER.warning("received %s again: exiting without finishing the drain", name)
+            logging.shutdown()
+            os._exit(FORCED_EXIT_BASE + signum)
+        _LOGGER.info("received %s: draining (send it again to exit at once)", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -111,7 +111,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 deadline=None if remaining is None else time.monotonic() + remaining,
             )
         )
-        context.add_callback(handle.cancel)
+        if not context.add_callback(handle.cancel):
+            # The call ended between submit and here: no callback will ever cancel it, and
+            # the engine would generate for nobody until the deadline.
+            handle.cancel()
         return handle
 
     def Chat(

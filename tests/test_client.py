@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from concurrent import futures
 import grpc
 import pytest
 from qwen_client import (
-    SERVICE_CONFIG,
     ChatClient,
     MessageLike,
     StreamFinal,
@@ -21,6 +19,8 @@ from qwen_client import (
 )
 from qwen_client.cli import describe_error
 
+from qwen_grpc.config import Settings
+from qwen_grpc.interceptors import build_interceptors
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from tests._demo_server import REPO_ROOT, ServerProcess, demo_server, server_env  # noqa: F401
 
@@ -167,16 +167,6 @@ def test_dns_target_balances_round_robin(demo_server: ServerProcess) -> None:  #
         assert dns_client.count_tokens([("user", QUESTION)]) > 0
 
 
-def test_service_config_balances_round_robin_and_retries_only_unary_calls() -> None:
-    config = json.loads(json.dumps(SERVICE_CONFIG))
-    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    (method_config,) = config["methodConfig"]
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
-    methods = {name["method"] for name in method_config["name"]}
-    assert {"Chat", "CountTokens", "GetModelInfo", "Check"} <= methods
-    assert "StreamChat" not in methods
-
-
 class RefusesFirstCalls(chat_pb2_grpc.ChatServiceServicer):
     """A real servicer that answers UNAVAILABLE a few times, like a server still loading."""
 
@@ -184,12 +174,24 @@ class RefusesFirstCalls(chat_pb2_grpc.ChatServiceServicer):
         self.refusals = refusals
         self.attempts = 0
 
-    def CountTokens(
-        self, request: chat_pb2.CountTokensRequest, context: grpc.ServicerContext
-    ) -> chat_pb2.CountTokensResponse:
+    def _refuse_at_first(self, context: grpc.ServicerContext) -> None:
         self.attempts += 1
         if self.attempts <= self.refusals:
             context.abort(grpc.StatusCode.UNAVAILABLE, "still loading")
+
+    def Chat(
+        self, request: chat_pb2.ChatRequest, context: grpc.ServicerContext
+    ) -> chat_pb2.ChatResponse:
+        self._refuse_at_first(context)
+        return chat_pb2.ChatResponse(
+            message=chat_pb2.Message(role=chat_pb2.ROLE_ASSISTANT, content="Paris"),
+            finish_reason=chat_pb2.FINISH_REASON_STOP,
+        )
+
+    def CountTokens(
+        self, request: chat_pb2.CountTokensRequest, context: grpc.ServicerContext
+    ) -> chat_pb2.CountTokensResponse:
+        self._refuse_at_first(context)
         return chat_pb2.CountTokensResponse(prompt_tokens=7, context_length=32)
 
     def StreamChat(
@@ -202,8 +204,11 @@ class RefusesFirstCalls(chat_pb2_grpc.ChatServiceServicer):
 
 @pytest.fixture
 def refusing_server() -> Iterator[tuple[str, RefusesFirstCalls]]:
+    """The refusing servicer behind the production interceptor chain, as the server runs it."""
     servicer = RefusesFirstCalls(refusals=2)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), interceptors=build_interceptors(Settings())
+    )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -211,13 +216,33 @@ def refusing_server() -> Iterator[tuple[str, RefusesFirstCalls]]:
     server.stop(None)
 
 
-def test_unary_calls_refused_with_unavailable_are_retried(
+def test_chat_refused_with_unavailable_is_retried_through_the_servers_interceptors(
+    refusing_server: tuple[str, RefusesFirstCalls],
+) -> None:
+    target, servicer = refusing_server
+    with ChatClient(target, timeout=10.0) as retrying:
+        assert retrying.chat([("user", QUESTION)]).text == "Paris"
+    assert servicer.attempts == 3
+
+
+def test_count_tokens_refused_with_unavailable_is_retried(
     refusing_server: tuple[str, RefusesFirstCalls],
 ) -> None:
     target, servicer = refusing_server
     with ChatClient(target, timeout=10.0) as retrying:
         assert retrying.count_tokens([("user", "hi")]) == 7
     assert servicer.attempts == 3
+
+
+def test_retries_stop_after_five_attempts(refusing_server: tuple[str, RefusesFirstCalls]) -> None:
+    target, servicer = refusing_server
+    servicer.refusals = 100
+    with ChatClient(target, timeout=10.0) as retrying, pytest.raises(grpc.RpcError) as raised:
+        retrying.chat([("user", QUESTION)])
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert servicer.attempts == 5
+    # The refusal carries its request id in the trailers, where it commits nothing.
+    assert re.fullmatch(r"[0-9a-f]{32}", error_details(raised.value).request_id or "")
 
 
 def test_streams_are_not_retried(refusing_server: tuple[str, RefusesFirstCalls]) -> None:

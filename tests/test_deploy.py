@@ -26,11 +26,13 @@ import pytest
 import yaml
 
 from qwen_grpc.config import ENV_PREFIX, Settings, _parse_value
+from qwen_grpc.metrics import ServiceMetrics
 from qwen_grpc.server import SERVICE_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 BASE = DEPLOY / "k8s" / "base"
+ADAPTER = DEPLOY / "k8s" / "prometheus-adapter"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S_VERSION = kubernetes_validate.latest_version()
 SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
@@ -136,10 +138,26 @@ def test_service_is_headless_grpc_and_selects_the_pods() -> None:
     assert service["selector"].items() <= pod_labels.items()
 
 
+def _configured_settings() -> Settings:
+    """The server's settings in the pod: the ConfigMap over the defaults."""
+    return Settings.from_sources([], environ=_configmap_env())
+
+
+def test_the_drain_outlasts_every_call_the_server_accepted() -> None:
+    """A drain shorter than the longest call cuts streams mid-reply."""
+    settings = _configured_settings()
+    longest = settings.longest_call_seconds
+    assert longest is not None, "with no maximum deadline no grace period is long enough"
+    assert settings.drain_grace_seconds is not None
+    assert settings.drain_grace_seconds >= longest
+
+
 def test_termination_grace_covers_the_prestop_pause_and_the_drain() -> None:
     """Past terminationGracePeriodSeconds the kubelet sends SIGKILL mid-drain."""
     pod = _one("Deployment")["spec"]["template"]["spec"]
-    drain = float(_configmap_env().get(ENV_PREFIX + "GRACE_SECONDS", Settings().grace_seconds))
+    settings = _configured_settings()
+    assert settings.drain_grace_seconds is not None
+    drain = settings.drain_delay_seconds + settings.drain_grace_seconds
     pre_stop = _container().get("lifecycle", {}).get("preStop", {}).get("sleep", {})
     assert pod["terminationGracePeriodSeconds"] > pre_stop.get("seconds", 0) + drain
 
@@ -177,11 +195,49 @@ def test_disruption_budget_and_autoscaler_target_the_deployment() -> None:
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     # With one replica the budget would block every node drain; the autoscaler keeps two.
     assert hpa["spec"]["minReplicas"] >= 2
     # The autoscaler owns the replica count; a fixed one would be reset by every apply.
     assert "replicas" not in deployment["spec"]
+
+
+def _adapter_rules() -> list[dict[str, Any]]:
+    (config_map,) = _documents(ADAPTER / "rules.yaml")
+    rules: list[dict[str, Any]] = yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
+    return rules
+
+
+def test_adapter_rules_validate_and_kustomization_lists_them() -> None:
+    kustomization = yaml.safe_load((ADAPTER / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert kustomization["resources"] == ["rules.yaml"]
+    for document in _documents(ADAPTER / "rules.yaml"):
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
+def test_autoscaler_scales_on_the_servers_load_gauges_not_cpu() -> None:
+    """One stream saturates the CPU; queue depth and active sequences tell how loaded a pod is."""
+    metrics = _one("HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert {m["type"] for m in metrics} == {"Pods"}
+    names = {m["pods"]["metric"]["name"] for m in metrics}
+    assert names == {"qwen_queue_depth", "qwen_active_sequences"}
+    # Each name is published by an adapter rule from a series the server really exports.
+    exported = {metric.name for metric in ServiceMetrics().registry.collect()}
+    published = {}
+    for rule in _adapter_rules():
+        series = re.match(r"[a-z_]+", rule["seriesQuery"].strip("'"))
+        assert series is not None and series.group(0) in exported, rule["seriesQuery"]
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        published[rule["name"]["as"]] = series.group(0)
+    assert names <= set(published)
+    # Active sequences can never exceed the batch: a target above it would never scale up.
+    active = next(m for m in metrics if m["pods"]["metric"]["name"] == "qwen_active_sequences")
+    assert float(active["pods"]["target"]["averageValue"]) < _configured_settings().max_batch_size
+
+
+def test_prometheus_scrapes_the_metrics_port() -> None:
+    annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == _port("metrics")
 
 
 def test_configured_settings_exist_and_parse() -> None:

@@ -72,6 +72,18 @@ def metadata_value(metadata: Any, key: str) -> str | None:
     return next((value for k, value in metadata or () if k == key), None)
 
 
+def bad_request_fields(error: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields.extend(v.field for v in bad_request.field_violations)
+    return fields
+
+
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
@@ -93,6 +105,7 @@ def test_request_id_is_echoed_and_the_call_logged_as_one_json_line_without_the_p
         REQUEST, metadata=[("x-request-id", "req-42"), ("x-client-id", "billing")]
     )
     assert metadata_value(call.initial_metadata(), "x-request-id") == "req-42"
+    assert metadata_value(call.trailing_metadata(), "x-request-id") == "req-42"
     [line] = access_log()
     assert line["method"] == "/qwen.chat.v1.ChatService/Chat"
     assert line["request_id"] == "req-42"
@@ -127,9 +140,11 @@ def test_stream_is_timed_to_its_end_with_time_to_first_token(
     stream = tiny_server.stub.StreamChat(request, metadata=[("x-request-id", "stream-1")])
     first = next(stream)
     first_at = time.monotonic()
+    assert metadata_value(stream.initial_metadata(), "x-request-id") == "stream-1"
     *_, final = stream
     last_at = time.monotonic()
     assert first.WhichOneof("event") == "delta"
+    assert metadata_value(stream.trailing_metadata(), "x-request-id") == "stream-1"
     [line] = access_log()
     assert line["code"] == "OK"
     assert line["request_id"] == "stream-1"
@@ -147,14 +162,25 @@ def replace_options(request: Any, **options: Any) -> Any:
     return changed
 
 
-def test_failed_calls_echo_the_request_id_and_are_logged_with_their_code(
-    tiny_server: RunningServer, access_log: Callable[[], list[dict[str, Any]]]
+@pytest.mark.parametrize("streaming", [False, True], ids=["Chat", "StreamChat"])
+def test_failed_calls_echo_the_request_id_in_trailers_only_and_are_logged_with_their_code(
+    tiny_server: RunningServer, access_log: Callable[[], list[dict[str, Any]]], streaming: bool
 ) -> None:
-    bad = chat_pb2.ChatRequest(messages=REQUEST.messages, options={"temperature": 9.0})
+    """No headers before the answer: headers would commit the call and defeat retries."""
+    options = {"temperature": 9.0}
+    metadata = [("x-request-id", "bad-1")]
     with pytest.raises(grpc.RpcError) as caught:
-        tiny_server.stub.Chat(bad, metadata=[("x-request-id", "bad-1")])
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert metadata_value(caught.value.initial_metadata(), "x-request-id") == "bad-1"  # type: ignore[attr-defined]
+        if streaming:
+            bad_stream = chat_pb2.StreamChatRequest(messages=REQUEST.messages, options=options)
+            list(tiny_server.stub.StreamChat(bad_stream, metadata=metadata))
+        else:
+            bad = chat_pb2.ChatRequest(messages=REQUEST.messages, options=options)
+            tiny_server.stub.Chat(bad, metadata=metadata)
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert metadata_value(error.trailing_metadata(), "x-request-id") == "bad-1"
+    assert metadata_value(error.initial_metadata(), "x-request-id") is None
+    assert "options.temperature" in bad_request_fields(error)  # the details survive too
     [line] = access_log()
     assert (line["code"], line["request_id"], line["level"]) == (
         "INVALID_ARGUMENT",

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from harness.server_process import free_port
+from harness.server_process import ServerProcess, free_port
+from qwen_grpc.server import FORCED_EXIT_BASE
 from qwen_grpc.v1 import chat_pb2
 from tests.conftest import RunningServer
 
@@ -100,3 +103,29 @@ def test_watchdog_reports_not_serving_and_fails_calls_when_the_engine_breaks(
         running.stub.Chat(chat_pb2.ChatRequest(messages=stream_request(5).messages), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     release.set()
+
+
+def test_a_second_sigterm_exits_at_once_in_the_middle_of_a_drain(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(
+        str(tiny_model_dir),
+        tmp_path / "server.log",
+        cache_dir=cache_dir,
+        # The first SIGTERM starts a drain that would keep the process for two minutes.
+        extra_args=("--dtype", "float32", "--drain-delay-seconds", "120", "--threads", "1"),
+        startup_timeout=120.0,
+    )
+    server.start()
+    try:
+        server.sigterm()
+        deadline = time.monotonic() + 30
+        while server.health() != "NOT_SERVING":
+            assert time.monotonic() < deadline, "the first SIGTERM never started the drain"
+            time.sleep(0.05)
+        assert server.alive
+        server.sigterm()
+        code = server.wait_exit(timeout=20)
+    finally:
+        server.stop(timeout=5)
+    assert code == FORCED_EXIT_BASE + signal.SIGTERM, server.log_tail()

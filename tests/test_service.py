@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from grpc_status import rpc_status
 from transformers import AutoTokenizer
 
+from harness.steps import StepGate
+from qwen_grpc.service import ChatServicer
 from qwen_grpc.v1 import chat_pb2
 from tests.conftest import RunningServer
 
@@ -57,13 +58,11 @@ def test_chat_returns_the_reply_finish_reason_and_usage(tiny_server: RunningServ
 
 
 def test_max_new_tokens_ends_with_length(tiny_server: RunningServer) -> None:
-    reply = tiny_server.stub.Chat(
-        chat_pb2.ChatRequest(messages=user("Count to ten"), options=greedy(5))
-    )
-    if reply.finish_reason == chat_pb2.FINISH_REASON_LENGTH:
-        assert reply.usage.completion_tokens == 5
-    else:
-        assert reply.usage.completion_tokens < 5
+    free = tiny_server.stub.Chat(chat_pb2.ChatRequest(messages=user(CHINESE), options=greedy(40)))
+    assert free.usage.completion_tokens > 5, "the greedy reply must be longer than the cap"
+    reply = tiny_server.stub.Chat(chat_pb2.ChatRequest(messages=user(CHINESE), options=greedy(5)))
+    assert reply.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    assert reply.usage.completion_tokens == 5
 
 
 @pytest.mark.parametrize("prompt", [CHINESE, EMOJI], ids=["chinese", "emoji"])
@@ -227,19 +226,39 @@ def test_reflection_can_be_turned_off(server_factory: Any) -> None:
 
 
 def test_drain_finishes_in_flight_streams_and_refuses_new_calls(server_factory: Any) -> None:
-    running = server_factory()
+    # grace 0 (the default): the drain waits as long as a call may run, max_deadline_seconds.
+    running = server_factory(grace_seconds=0.0, max_deadline_seconds=60.0)
     running.server.load()
-    stream = running.stub.StreamChat(
-        chat_pb2.StreamChatRequest(messages=user("Tell a long story"), options=greedy(200))
+    assert running.server.engine is not None
+    watch = health_pb2_grpc.HealthStub(running.channel).Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE), timeout=60
     )
-    first = next(stream)
-    assert first.WhichOneof("event") == "delta"
-    stopper = threading.Thread(target=running.server.stop, kwargs={"grace": 30.0})
-    stopper.start()
-    time.sleep(0.05)
-    assert _health(running, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
-    rest = list(stream)
-    assert rest[-1].WhichOneof("event") == "final"
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    count = chat_pb2.CountTokensRequest(messages=user("hi"))
+
+    def refused() -> bool:
+        try:
+            running.stub.CountTokens(count, timeout=5)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            return True
+        return False
+
+    with StepGate(running.server.engine) as gate:
+        gate.hold()
+        stream = running.stub.StreamChat(
+            chat_pb2.StreamChatRequest(messages=user("Tell a long story"), options=greedy(200))
+        )
+        assert gate.held.wait(30), "the stream never started decoding"
+        stopper = threading.Thread(target=running.server.stop)
+        stopper.start()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # a drain waits for every call, health watches included
+        assert gate.wait_for(refused), "new calls were still served while draining"
+        gate.release()  # the in-flight stream resumes, mid-drain
+        events = list(stream)
+    assert events[-1].WhichOneof("event") == "final"
+    assert events[-1].final.usage.completion_tokens > 1
     stopper.join(30)
     assert not stopper.is_alive()
 
@@ -274,3 +293,47 @@ def test_bytes_that_do_not_parse_are_invalid_argument_not_internal(
             list(response)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request" in bad_request_fields(caught.value)
+
+
+class EndedCallContext:
+    """A servicer context whose call ended already: ``add_callback`` refuses, as grpc does."""
+
+    def __init__(self) -> None:
+        self.aborted: grpc.Status | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self.aborted = status
+        raise grpc.RpcError(status.details)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["Chat", "StreamChat"])
+def test_a_call_that_ended_before_its_cancel_callback_was_registered_is_cancelled_at_once(
+    tiny_server: RunningServer, streaming: bool
+) -> None:
+    servicer = ChatServicer()
+    servicer.attach(tiny_server.server.servicer.runtime)
+    context = EndedCallContext()
+    options = greedy(400)
+    with pytest.raises(grpc.RpcError):
+        if streaming:
+            request = chat_pb2.StreamChatRequest(
+                messages=user("Tell a long story"), options=options
+            )
+            events = list(servicer.StreamChat(request, context))  # type: ignore[arg-type]
+            assert all(e.WhichOneof("event") == "delta" for e in events)
+        else:
+            servicer.Chat(
+                chat_pb2.ChatRequest(messages=user("Tell a long story"), options=options),
+                context,  # type: ignore[arg-type]
+            )
+    assert context.aborted is not None
+    assert context.aborted.code == grpc.StatusCode.CANCELLED

@@ -33,6 +33,7 @@ _LOGGER = logging.getLogger(__name__)
 DEFAULT_TARGET = "127.0.0.1:50051"
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 HEALTH_SERVICE = "grpc.health.v1.Health"
+REQUEST_ID_KEY = "x-request-id"
 
 # Unary calls refused with UNAVAILABLE never reached the model (not loaded yet, draining,
 # connection lost before the call started), so retrying them cannot double the work the caller
@@ -159,7 +160,8 @@ class ErrorDetails:
     reason: str | None = None
     """``google.rpc.ErrorInfo.reason``, if any."""
     request_id: str | None = None
-    """The id to quote in a bug report (``ErrorInfo.metadata["request_id"]``), if any."""
+    """The id to quote in a bug report: ``ErrorInfo.metadata["request_id"]``, else the
+    call's ``x-request-id`` trailer."""
 
 
 def error_details(error: grpc.RpcError) -> ErrorDetails:
@@ -200,6 +202,8 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
             request_id = info.metadata.get("request_id") or None
         else:
             _LOGGER.debug("skipping unknown error detail %s", packed.type_url)
+    if request_id is None:
+        request_id = _trailer(error, REQUEST_ID_KEY)
     return ErrorDetails(
         code=code,
         message=message,
@@ -208,6 +212,15 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
         reason=reason,
         request_id=request_id,
     )
+
+
+def _trailer(error: grpc.RpcError, key: str) -> str | None:
+    """The first string value of trailing metadata ``key``, if the error carries any."""
+    trailing_of = getattr(error, "trailing_metadata", None)
+    for entry_key, value in (trailing_of() if callable(trailing_of) else None) or ():
+        if entry_key == key and isinstance(value, str):
+            return value
+    return None
 
 
 def to_message(turn: MessageLike) -> chat_pb2.Message:

@@ -2,7 +2,9 @@
 
 :func:`build_interceptors` composes them from the settings, outermost first:
 
-1. access log: sees every outcome, including the refusals of the interceptors below it;
+1. request id: echoed with the first response message and in the trailers, never before the
+   handler answered, so an UNAVAILABLE answer stays retryable (gRFC A6);
+   access log: sees every outcome, including the refusals of the interceptors below it;
 2. errors: no stray exception reaches the caller as UNKNOWN;
    malformed: bytes that do not parse are INVALID_ARGUMENT, not gRPC's INTERNAL;
 3. auth (when tokens are configured): who is calling, before anything is spent on them;
@@ -21,6 +23,7 @@ from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
 from qwen_grpc.interceptors.errors import ErrorInterceptor
 from qwen_grpc.interceptors.malformed import MalformedRequestInterceptor
 from qwen_grpc.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
+from qwen_grpc.interceptors.request_id import RequestIdInterceptor
 
 __all__ = ["build_interceptors"]
 
@@ -30,6 +33,7 @@ def build_interceptors(
 ) -> list[grpc.ServerInterceptor]:
     """The interceptor chain the settings ask for, in the order above."""
     chain: list[grpc.ServerInterceptor] = [
+        RequestIdInterceptor(),
         AccessLogInterceptor(settings.log_content, settings.log_health_checks, observer),
         ErrorInterceptor(),
         MalformedRequestInterceptor(),
@@ -49,6 +53,5 @@ def build_interceptors(
         if settings.rate_limit_per_second > 0
         else None
     )
-    if buckets is not None or settings.max_concurrent_generations > 0:
-        chain.append(RateLimitInterceptor(buckets, settings.max_concurrent_generations))
+    chain.append(RateLimitInterceptor(buckets, settings.max_concurrent_generations))
     return chain

@@ -1,9 +1,8 @@
-"""The access log: one structured line per call, and the request id echoed to the caller.
+"""The access log: one structured line per call.
 
-Each call gets a request id (the caller's ``x-request-id``, else a fresh one), sent back at once
-in the response's initial metadata, so a caller can quote it even for a call that failed. When
-the call ends the logger ``qwen_grpc.access`` records method, peer, client, request id, status
-code, duration, token counts and, for streams, the time to the first response. The fields ride
+When a call ends the logger ``qwen_grpc.access`` records method, peer, client, request id (the
+same one :mod:`qwen_grpc.interceptors.request_id` sends back), status code, duration, token
+counts and, for streams, the time to the first response. The fields ride
 on the record (``extra=``), so :class:`qwen_grpc.logs.JsonFormatter` writes one JSON object.
 
 Streams are timed to their end, not to the creation of the generator, by wrapping the response
@@ -23,7 +22,6 @@ import grpc
 
 from qwen_grpc.interceptors.base import (
     HEALTH_PREFIX,
-    REQUEST_ID_KEY,
     Behavior,
     CallContext,
     CallInfo,
@@ -154,7 +152,7 @@ def _final_code(context: CallContext, error: BaseException | None) -> grpc.Statu
 
 
 class AccessLogInterceptor(Interceptor):
-    """Echoes the request id and writes one access-log line per call."""
+    """Writes one access-log line per call."""
 
     def __init__(
         self,
@@ -173,7 +171,6 @@ class AccessLogInterceptor(Interceptor):
         self, method: Behavior, request: Any, context: CallContext, call: CallInfo
     ) -> Any:
         record = _CallRecord(context, call, request, self._log_content, self._observer)
-        context.send_initial_metadata(((REQUEST_ID_KEY, context.request_id),))
         try:
             response = method(request, context)
         except BaseException as exc:
