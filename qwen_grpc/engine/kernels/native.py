@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +108,21 @@ def _compiler_missing() -> str | None:
     return None
 
 
-@functools.cache
+_CHOICE_LOCK = threading.Lock()
+
+
 def choose() -> KernelChoice:
-    """Decides once per process: forced fallback, CPU features, then whether the build works."""
+    """Decides once per process: forced fallback, CPU features, then whether the build works.
+
+    Locked because loading the library twice would register ``qwen_q8`` twice, which torch
+    refuses.
+    """
+    with _CHOICE_LOCK:
+        return _choose()
+
+
+@functools.cache
+def _choose() -> KernelChoice:
     forced = os.environ.get(FORCE_ENV, "auto").strip().lower()
     if forced == "torch":
         choice = KernelChoice(False, f"{FORCE_ENV}=torch")
