@@ -3,9 +3,9 @@
 ``python -m bench.kernel_bench`` builds the 97 matrices of the model (24 layers of fused qkv,
 o, fused gate_up and down, plus the 151936-row tied head) with random weights, distinct per
 layer so a pass streams ~0.5 GB (q8) or ~0.9 GB (bf16) from memory, as decode does, and times
-full passes over them for the native q8 kernel, its torch fallback (batch 1 only: it is slow)
-and oneDNN's packed bf16 linear (what ``fast_linear.PackedBf16Linear`` runs). GB/s counts the
-weight bytes a pass reads. Writes ``bench/results/kernels.json`` and ``kernels.md``.
+full passes over them for the native q8 kernel, its torch fallback (batch 1 at the largest
+thread count only: it is slow) and oneDNN's packed bf16 linear (what
+``fast_linear.PackedBf16Linear`` runs). GB/s counts the weight bytes a pass reads. Writes ``bench/results/kernels.json`` and ``kernels.md``.
 """
 
 from __future__ import annotations
@@ -109,9 +109,12 @@ def _bytes(matrices: list[Matrix], kernel: str) -> int:
     return sum(m.q8.nbytes for m in matrices)
 
 
-def run(batches: list[int], passes: int, threads: int, seed: int) -> dict[str, Any]:
-    """Measures every kernel at every batch size and returns the JSON-ready record."""
-    torch.set_num_threads(threads)
+def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[str, Any]:
+    """Measures every kernel at every thread count and batch size: the JSON-ready record.
+
+    One thread is the steadier number on a shared machine: with two, a pass waits for
+    whichever thread another process has pre-empted.
+    """
     info = machine_info()
     _LOGGER.info("building %d matrices", len(_shapes()))
     matrices = build_matrices(seed)
@@ -120,22 +123,24 @@ def run(batches: list[int], passes: int, threads: int, seed: int) -> dict[str, A
         kernels["q8_native"] = _q8_native
     kernels["q8_fallback"] = _q8_fallback
     rows = []
-    for batch in batches:
+    for count, batch in ((t, b) for t in threads for b in batches):
+        torch.set_num_threads(count)
         x = {
             k: torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
             for k in (HIDDEN, DOWN[1])
         }
         for name, make in kernels.items():
-            if name == "q8_fallback" and batch != 1:
+            if name == "q8_fallback" and (batch != 1 or count != max(threads)):
                 continue
             inputs = {k: v.bfloat16() for k, v in x.items()} if name == "onednn_bf16" else x
-            _LOGGER.info("timing %s at batch %d", name, batch)
+            _LOGGER.info("timing %s, %d threads, batch %d", name, count, batch)
             timing = _time_passes(matrices, make, inputs, 2 if name == "q8_fallback" else passes)
             nbytes = _bytes(matrices, name)
             gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
             rows.append(
                 {
                     "kernel": name,
+                    "threads": count,
                     "batch": batch,
                     "weight_bytes": nbytes,
                     "gb_per_s": round(gbps, 1),
@@ -145,7 +150,6 @@ def run(batches: list[int], passes: int, threads: int, seed: int) -> dict[str, A
     info["load_average_end"] = load_average()
     return {
         "machine": info,
-        "threads": threads,
         "kernel_path": kernel_path(),
         "matrices": len(matrices),
         "results": rows,
@@ -158,17 +162,17 @@ def render_markdown(record: dict[str, Any]) -> str:
     lines = [
         "# Q8_0 kernel microbenchmark",
         "",
-        f"CPU: {machine['cpu_model']} ({', '.join(machine['cpu_flags'])}), {record['threads']} threads, "
+        f"CPU: {machine['cpu_model']} ({', '.join(machine['cpu_flags'])}), "
         f"load average {machine['load_average_start']} → {machine['load_average_end']}.",
         f"{record['kernel_path']}. One pass = all {record['matrices']} linears of Qwen1.5-0.5B "
         "(distinct weights, cold); median of the passes.",
         "",
-        "| kernel | batch | ms / pass (median) | ms (min) | GB/s | MB read | lm_head ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| kernel | threads | batch | ms / pass (median) | ms (min) | GB/s | MB read | lm_head ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in record["results"]:
         lines.append(
-            f"| {row['kernel']} | {row['batch']} | {row['ms_median']:.2f} | {row['ms_min']:.2f} | "
+            f"| {row['kernel']} | {row['threads']} | {row['batch']} | {row['ms_median']:.2f} | {row['ms_min']:.2f} | "
             f"{row['gb_per_s']:.1f} | {row['weight_bytes'] / 1e6:.0f} | {row['ms_by_kind']['lm_head']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -178,12 +182,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--passes", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    record = run([int(b) for b in args.batches.split(",")], args.passes, args.threads, args.seed)
+    record = run(
+        [int(b) for b in args.batches.split(",")],
+        args.passes,
+        [int(t) for t in args.threads.split(",")],
+        args.seed,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(record, indent=2) + "\n")
     markdown = render_markdown(record)
