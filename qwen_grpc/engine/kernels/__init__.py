@@ -1,0 +1,88 @@
+"""Q8_0 weights (llama.cpp's block int8 format) and their linear and row gather.
+
+Decode on CPU is memory-bandwidth bound: Q8_0 reads 1.125 bytes per weight instead of bf16's
+2, and with activations quantized per block of 32 the products are exact int8 dot products,
+so the error is llama.cpp's Q8_0 error and nothing more. On CPUs with AVX512-VNNI a C++
+extension (``q8.cpp``) runs the matmul; elsewhere, or when ``QWEN_GRPC_KERNELS=torch``, a torch
+implementation of the same arithmetic does (``reference.py``). Both read one packed format
+(``layout.py``), so a weight quantized once works on either path.
+
+One :class:`Q8Weight` can back both a tied LM head (:meth:`Q8Weight.linear`) and the embedding
+(:meth:`Q8Weight.rows`): one int8 copy instead of two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen_grpc.engine.kernels import layout, native, reference
+
+__all__ = ["Q8Weight", "kernel_path", "native_available", "quantize_q8"]
+
+
+def native_available() -> bool:
+    """True when this process runs the AVX512-VNNI extension (decided, and built, once)."""
+    return native.choose().native
+
+
+def kernel_path() -> str:
+    """A sentence naming the path in use and why, e.g. for a startup log or a bench report."""
+    return native.choose().description
+
+
+class Q8Weight:
+    """A ``[out_features, in_features]`` weight in Q8_0, with an optional float32 bias."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        self.packed = packed
+        self.scales = scales
+        self.out_features = out_features
+        self.in_features = packed.shape[1] * layout.BLOCK
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matmul reads: int8 values and fp32 scales (tile padding included)."""
+        return self.packed.nbytes + self.scales.nbytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` for float32 or bfloat16 ``x [..., in_features]``, in float32."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected in_features={self.in_features}, got {x.shape[-1]}")
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype not in (torch.float32, torch.bfloat16):
+            flat = flat.float()
+        flat = flat.contiguous()
+        if native_available():
+            out = torch.ops.qwen_q8.linear(
+                flat, self.packed, self.scales, self.out_features, self.bias
+            )
+        else:
+            out = reference.linear(flat, self.packed, self.scales, self.out_features, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (any shape) de-quantized to float32 ``[*index.shape, in_features]``."""
+        flat = index.reshape(-1).long().contiguous()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
+            raise IndexError(f"row index out of range for {self.out_features} rows")
+        if native_available():
+            out = torch.ops.qwen_q8.rows(self.packed, self.scales, self.out_features, flat)
+        else:
+            out = reference.rows(self.packed, self.scales, flat)
+        return out.reshape(*index.shape, self.in_features)
+
+
+def quantize_q8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q8Weight:
+    """Q8_0 of a bf16/fp32 ``[N, K]`` weight (K a multiple of 32), quantized in row chunks."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        packed, scales = layout.pack(weight.detach())
+    return Q8Weight(packed, scales, weight.shape[0], bias)
