@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 ENV_PREFIX = "QWEN_GRPC_"
-Dtype = Literal["auto", "float32", "bfloat16", "int8"]
+Dtype = Literal["auto", "float32", "bfloat16", "q8", "int8"]
 # Handler threads beyond the generations: health checks, CountTokens, GetModelInfo, reflection.
 SPARE_HANDLER_THREADS = 16
 

@@ -245,7 +245,33 @@ def test_cancelled_requests_free_their_queue_place_while_the_batch_is_full(
         engine.stop()
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def greedy_texts(engine: Engine, lengths: list[int], together: bool) -> list[str]:
+    """Greedy answers to PROMPTS, submitted at once (joining one another) or one at a time."""
+    handles: list[RequestHandle] = []
+    texts: list[str] = []
+    for index, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        params = SamplingParams(max_new_tokens=length, greedy=True)
+        handle = engine.submit(GenerationRequest(f"g{index}", encode(engine, prompt), params))
+        if together:
+            handles.append(handle)
+        else:
+            texts.append(collect(handle)[0])
+    return texts + [collect(handle)[0] for handle in handles]
+
+
+def test_q8_greedy_output_is_the_same_batched_and_alone(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir, "q8", threads=0)
+    engine = Engine(model, SchedulerLimits(), SharedTokenizer(model.tokenizer))
+    engine.start()
+    try:
+        lengths = [40, 25, 60, 33]
+        alone = greedy_texts(engine, lengths, together=False)
+        assert greedy_texts(engine, lengths, together=True) == alone
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "q8", "int8"])
 def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype: str) -> None:
     model = load_model(tiny_model_dir, dtype, threads=0)
     engine = Engine(model, SchedulerLimits(), SharedTokenizer(model.tokenizer))

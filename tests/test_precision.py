@@ -50,7 +50,7 @@ CONVERSATIONS: tuple[tuple[ChatMessage, ...], ...] = (
 
 # int8 is per-channel int8 of weights that the demo model ships as Q4_1 (4-bit, per group of
 # 32): re-quantizing that grid per row costs it about 5 % of greedy choices.
-MIN_AGREEMENT = {"bfloat16": 0.97, "int8": 0.90}
+MIN_AGREEMENT = {"bfloat16": 0.97, "q8": 0.95, "int8": 0.90}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def answer(model: LoadedModel, question: str) -> str:
         engine.stop()
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "q8", "int8"])
 def test_reduced_precision_agrees_with_float32_and_still_knows_paris(
     demo_dir: Path, float32_choices: torch.Tensor, dtype: str
 ) -> None:

@@ -89,6 +89,7 @@ class Decoder:
         shape: AttentionShape,
         eps: float,
         compute_dtype: torch.dtype,
+        kv_dtype: torch.dtype,
     ) -> None:
         self.embedding = embedding
         self.layers = layers
@@ -97,6 +98,7 @@ class Decoder:
         self.shape = shape
         self.eps = eps
         self.compute_dtype = compute_dtype
+        self.kv_dtype = kv_dtype
         self._scale = 1.0 / math.sqrt(shape.head_dim)
 
     def __call__(
@@ -149,8 +151,9 @@ class Decoder:
             part.view(batch, tokens, -1, head_dim).transpose(1, 2)
             for part in qkv.split(self.shape.widths, dim=-1)
         )
-        layer_cache.append(_rotate(keys.float(), cos, sin).to(self.compute_dtype), values)
-        queries = _rotate(queries.float(), cos, sin).to(self.compute_dtype)
+        kv_dtype = self.kv_dtype
+        layer_cache.append(_rotate(keys.float(), cos, sin).to(kv_dtype), values.to(kv_dtype))
+        queries = _rotate(queries.float(), cos, sin).to(kv_dtype)
         if tokens == 1:
             assert mask is not None, "a decode step always has its bias"
             attended = self._attend_one(queries, *layer_cache.buffers(), mask)
@@ -163,7 +166,8 @@ class Decoder:
                 scale=self._scale,
                 enable_gqa=self.shape.kv_heads != self.shape.heads,
             )
-        return layer.output(attended.transpose(1, 2).reshape(batch, tokens, -1))
+        attended = attended.transpose(1, 2).reshape(batch, tokens, -1)
+        return layer.output(attended.to(self.compute_dtype))
 
     def _attend_one(
         self,
@@ -212,10 +216,14 @@ def _prefill_mask(key_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
 
 
 def build_decoder(
-    model: PreTrainedModel, linear: LinearFactory, embedding: nn.Module, compute_dtype: torch.dtype
+    model: PreTrainedModel,
+    linear: LinearFactory,
+    embedding: nn.Module,
+    compute_dtype: torch.dtype,
+    kv_dtype: torch.dtype,
 ) -> Decoder:
     """Takes the weights out of a transformers Llama/Qwen2 model; ``linear`` picks the kernel,
-    ``compute_dtype`` is what it expects as input.
+    ``compute_dtype`` is what it expects as input, ``kv_dtype`` what attention runs in.
 
     Every projection is built from the model's weight as it is (fused with its siblings), so the
     caller can drop the transformers model afterwards.
@@ -239,6 +247,7 @@ def build_decoder(
         shape=shape,
         eps=float(config.rms_norm_eps),
         compute_dtype=compute_dtype,
+        kv_dtype=kv_dtype,
     )
 
 

@@ -46,4 +46,5 @@ class RankedHead:
         return logits.scatter_(-1, candidates, exact)
 
 
-LogitsHead = ExactHead | RankedHead
+LogitsHead = Callable[[torch.Tensor], torch.Tensor]
+"""float32 logits ``[..., vocab]`` from final hidden states."""

@@ -111,7 +111,9 @@ def _build(model: PreTrainedModel, precision: str, copy: bool = True) -> tuple[D
     if output.bias is not None:
         raise UnsupportedModelError("an output layer with a bias is not supported")
     weights = prepare_weights(embedding.weight.detach(), output.weight.detach(), precision, copy)
-    decoder = build_decoder(model, weights.linear, weights.embedding, weights.compute_dtype)
+    decoder = build_decoder(
+        model, weights.linear, weights.embedding, weights.compute_dtype, weights.kv_dtype
+    )
     return decoder, weights.head
 
 
@@ -148,8 +150,9 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
         generation_config = GenerationConfig()
-    # bf16 and int8 are made from bf16 weights; auto needs float32's as its reference.
-    load_dtype = torch.float32 if dtype in ("auto", "float32") else torch.bfloat16
+    # bf16 and int8 are made from bf16 weights; auto needs float32's as its reference, and q8
+    # quantizes blocks of the checkpoint's own values.
+    load_dtype = torch.bfloat16 if dtype in ("bfloat16", "int8") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
 
     loaded = functools.partial(_loaded, model, tokenizer, generation_config)

@@ -7,6 +7,8 @@ Every precision keeps the residual stream, norms, rotary embedding and softmax i
 * ``bfloat16``: linears packed for oneDNN (bit-identical to ``F.linear``, 3-4x faster GEMV on
   AVX512-BF16); an int8 head ranks the vocabulary and the top logits are recomputed from the
   bf16 rows (see ``head.py``).
+* ``q8``: llama.cpp's Q8_0 (int8 weights and activations in blocks of 32) for every linear,
+  the head and the embedding, through the native kernel (see ``q8.py``).
 * ``int8``: per-channel int8 weights (``quantize.py``) for every linear and the embedding; a
   tied head ranks with the same int8 table it recomputes from.
 """
@@ -23,9 +25,11 @@ from qwen_grpc.engine.cpu import CpuInfo
 from qwen_grpc.engine.decoder import LinearFactory
 from qwen_grpc.engine.fast_linear import DenseLinear, PackedBf16Linear, can_pack_bf16
 from qwen_grpc.engine.head import ExactHead, LogitsHead, RankedHead
+from qwen_grpc.engine.kernels import native_available, quantize_q8
+from qwen_grpc.engine.q8 import Q8Head, Q8Linear, Q8Table, q8_fits
 from qwen_grpc.engine.quantize import Int8Linear, Int8Table, int8_kernel_fits, int8_rows
 
-PRECISIONS = ("float32", "bfloat16", "int8")
+PRECISIONS = ("float32", "bfloat16", "q8", "int8")
 
 
 class DenseTable(nn.Module):
@@ -50,6 +54,9 @@ class PreparedWeights:
     embedding: nn.Module
     head: LogitsHead
     compute_dtype: torch.dtype
+    """What a linear reads as input."""
+    kv_dtype: torch.dtype
+    """What the KV cache stores and decode attention multiplies in."""
 
 
 def _dense(copy: bool) -> LinearFactory:
@@ -74,13 +81,21 @@ def _int8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     return DenseLinear(weight.to(torch.bfloat16, copy=True), _converted(bias, torch.bfloat16))
 
 
+def _q8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    if q8_fits(weight):
+        return Q8Linear(weight, bias)
+    return DenseLinear(weight.float().clone(), None if bias is None else bias.float().clone())
+
+
 def _converted(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(dtype, copy=True)
 
 
 def candidate_precisions(cpu: CpuInfo) -> list[str]:
     """The precisions ``auto`` may pick on this CPU, fastest first; float32 is always last."""
-    faster = ["bfloat16"] if cpu.native_bf16 else []
+    faster = ["q8"] if native_available() else []
+    if cpu.native_bf16:
+        faster.append("bfloat16")
     return [*faster, "float32"]
 
 
@@ -93,18 +108,28 @@ def prepare_weights(
         table = Int8Table(embedding_weight, torch.bfloat16)
         head_table = table if tied else Int8Table(head_weight, torch.bfloat16)
         head = RankedHead(head_table.values, head_table.scales, head_table.rows)
-        return PreparedWeights(_int8, table, head, torch.bfloat16)
+        return PreparedWeights(_int8, table, head, torch.bfloat16, torch.bfloat16)
+    if precision == "q8":
+        if not q8_fits(embedding_weight):
+            raise ValueError("q8 needs a hidden size that is a multiple of 32")
+        q8_table = quantize_q8(embedding_weight)
+        q8_head = q8_table if tied else quantize_q8(head_weight)
+        return PreparedWeights(
+            _q8, Q8Table(q8_table), Q8Head(q8_head), torch.float32, torch.bfloat16
+        )
     if precision == "float32":
         dense = DenseTable(embedding_weight.float().clone() if copy else embedding_weight.float())
         head_dense = dense if tied else DenseTable(head_weight.float().clone())
-        return PreparedWeights(_dense(copy), dense, ExactHead(head_dense.weight), torch.float32)
+        return PreparedWeights(
+            _dense(copy), dense, ExactHead(head_dense.weight), torch.float32, torch.float32
+        )
     if precision != "bfloat16":
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     dense = DenseTable(embedding_weight.to(torch.bfloat16, copy=True))
     head_dense = dense if tied else DenseTable(head_weight.to(torch.bfloat16, copy=True))
     linear: LinearFactory = _packed_bf16 if can_pack_bf16() else _dense_bf16
     head = RankedHead(*int8_rows(head_dense.weight), head_dense.rows)
-    return PreparedWeights(linear, dense, head, torch.bfloat16)
+    return PreparedWeights(linear, dense, head, torch.bfloat16, torch.bfloat16)
 
 
 def _dense_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
