@@ -107,18 +107,21 @@ class QwenServer:
         self.engine = engine
         self.metrics.watch_engine(engine)
         max_new_tokens = min(settings.max_new_tokens_cap, model.context_length - 1)
+        seconds_per_prompt_token = None
+        if settings.warmup:
+            seconds_per_prompt_token = _warm_up(engine, model.context_length)
         limits = RequestLimits(
             max_messages=settings.max_messages,
             max_stop_sequences=settings.max_stop_sequences,
             max_new_tokens=max_new_tokens,
             default_max_new_tokens=min(settings.default_max_new_tokens, max_new_tokens),
-            max_prompt_tokens=_max_prompt_tokens(settings, model.context_length, max_new_tokens),
+            max_prompt_tokens=_max_prompt_tokens(
+                settings, model.context_length, max_new_tokens, seconds_per_prompt_token
+            ),
             vocab_size=model.vocab_size,
             control_tokens=tuple(model.tokenizer.all_special_tokens),
         )
         defaults = default_sampling(model.generation_config, limits)
-        if settings.warmup:
-            _warm_up(engine, defaults.max_new_tokens)
         self.servicer.attach(
             ModelRuntime(
                 engine=engine,
@@ -160,6 +163,12 @@ class QwenServer:
         _LOGGER.info("stopped")
 
 
+# The warm-up prompt whose prefill time sizes the default prompt limit, and the share of the
+# watchdog window that the longest prompt may take to prefill.
+WARMUP_PREFILL_TOKENS = 1024
+PREFILL_WINDOW_SHARE = 4
+
+
 def scheduler_limits(settings: Settings) -> SchedulerLimits:
     """The engine's admission limits, as the settings give them."""
     return SchedulerLimits(
@@ -196,26 +205,55 @@ def _transport_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-def _max_prompt_tokens(settings: Settings, context_length: int, max_new_tokens: int) -> int:
-    """Room for the prompt: the window minus a default answer, unless set (then capped)."""
+def _max_prompt_tokens(
+    settings: Settings,
+    context_length: int,
+    max_new_tokens: int,
+    seconds_per_prompt_token: float | None,
+) -> int:
+    """Room for the prompt: the window minus a default answer, and no more than this host
+    prefills in a quarter of the watchdog window (measured at warm-up), unless set (then
+    capped by the window only).
+
+    A prompt prefills in one pass while every stream waits; one that takes minutes is legal
+    but stalls the replica, and attention's quadratic cost makes the linear estimate low for
+    long prompts, hence the quarter.
+    """
     window = min(context_length, settings.kv_cache_tokens)
     if settings.max_prompt_tokens > 0:
         return min(settings.max_prompt_tokens, window - 1)
     default_answer = min(settings.default_max_new_tokens, max_new_tokens)
-    return max(1, window - default_answer)
-
-
-def _warm_up(engine: Engine, max_new_tokens: int) -> None:
-    """One real generation, so the first caller does not pay for lazy initialization."""
-    prompt = engine.tokenizer.encode_chat([ChatMessage(Role.USER, "Hello")])
-    handle = engine.submit(
-        GenerationRequest(
-            request_id="warm-up",
-            prompt_ids=tuple(prompt),
-            params=SamplingParams(max_new_tokens=min(4, max_new_tokens), greedy=True),
+    room = max(1, window - default_answer)
+    if seconds_per_prompt_token is None:
+        return room
+    budget_seconds = settings.watchdog_stall_seconds / PREFILL_WINDOW_SHARE
+    prefillable = int(budget_seconds / seconds_per_prompt_token)
+    if prefillable < room:
+        _LOGGER.info(
+            "max_prompt_tokens %d: this host prefills a prompt token in %.2f ms, and a prompt "
+            "must prefill within %.0f s (a quarter of the watchdog window)",
+            prefillable,
+            seconds_per_prompt_token * 1000,
+            budget_seconds,
         )
-    )
-    for _ in handle:
+    return max(1, min(room, prefillable))
+
+
+def _warm_up(engine: Engine, context_length: int) -> float:
+    """Real generations, so the first caller does not pay for lazy initialization; returns
+    the seconds per prompt token of a long prefill, which sizes the default prompt limit."""
+    hello = engine.tokenizer.encode_chat([ChatMessage(Role.USER, "Hello")])
+    _generate(engine, "warm-up", hello, max_new_tokens=4)
+    length = min(WARMUP_PREFILL_TOKENS, context_length // 2, engine.limits.kv_cache_tokens - 1)
+    words = engine.tokenizer.encode_chat([ChatMessage(Role.USER, "hello " * length)])
+    started = time.perf_counter()
+    _generate(engine, "warm-up-prefill", words[:length], max_new_tokens=1)
+    return (time.perf_counter() - started) / length
+
+
+def _generate(engine: Engine, request_id: str, prompt: list[int], max_new_tokens: int) -> None:
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    for _ in engine.submit(GenerationRequest(request_id, tuple(prompt), params)):
         pass
 
 

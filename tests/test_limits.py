@@ -299,9 +299,17 @@ def test_max_prompt_tokens_leaves_room_for_a_default_answer(
 ) -> None:
     info = tiny_server.stub.GetModelInfo(chat_pb2.GetModelInfoRequest())
     assert info.limits.max_prompt_tokens == 2048 - 32  # context window minus default answer
-    assert _max_prompt_tokens(Settings(kv_cache_tokens=1000), 32768, 1024) == 1000 - 256
-    assert _max_prompt_tokens(Settings(max_prompt_tokens=500), 2048, 512) == 500
-    assert _max_prompt_tokens(Settings(max_prompt_tokens=9999), 2048, 512) == 2047
+    assert _max_prompt_tokens(Settings(kv_cache_tokens=1000), 32768, 1024, None) == 1000 - 256
+    assert _max_prompt_tokens(Settings(max_prompt_tokens=500), 2048, 512, None) == 500
+    assert _max_prompt_tokens(Settings(max_prompt_tokens=9999), 2048, 512, None) == 2047
+
+
+def test_default_prompt_limit_is_what_this_host_prefills_in_a_quarter_of_the_watchdog() -> None:
+    slow_host = 0.01  # seconds per prompt token, as measured at warm-up
+    settings = Settings(watchdog_stall_seconds=60.0)
+    assert _max_prompt_tokens(settings, 32768, 1024, slow_host) == 1500
+    assert _max_prompt_tokens(settings, 32768, 1024, 1e-6) == 16384 - 256
+    assert _max_prompt_tokens(Settings(max_prompt_tokens=9000), 32768, 1024, slow_host) == 9000
 
 
 # -- keepalive -------------------------------------------------------------------------------

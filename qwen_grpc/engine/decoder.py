@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from qwen_grpc.engine.kv_cache import BatchKVCache, LayerCache
 
 LinearFactory = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
+LayerCallback = Callable[[], None]
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2"})
 
 
@@ -107,8 +108,10 @@ class Decoder:
         positions: torch.Tensor,
         key_mask: torch.Tensor,
         cache: BatchKVCache,
+        on_layer: LayerCallback | None = None,
     ) -> torch.Tensor:
-        """Final hidden states ``[batch, tokens, hidden]``.
+        """Final hidden states ``[batch, tokens, hidden]``; ``on_layer`` runs after each layer
+        (the engine's watchdog tells a long prefill from a stuck one by it).
 
         ``key_mask [batch, width]`` marks the real (1) and padding (0) columns of the cache as it
         will be after this call, the new tokens being its last ``tokens`` columns.
@@ -129,6 +132,8 @@ class Decoder:
                 .chunk(2, dim=-1)
             )
             hidden = hidden + layer.down((functional.silu(gate) * up).to(self.compute_dtype))
+            if on_layer is not None:
+                on_layer()
         return self._norm(hidden, self.final_norm)
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from qwen_grpc.engine.cpu import cpu_info
-from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError, build_decoder
+from qwen_grpc.engine.decoder import Decoder, LayerCallback, UnsupportedModelError, build_decoder
 from qwen_grpc.engine.fidelity import CALIBRATION_CHATS, PrecisionChoice, choose_precision
 from qwen_grpc.engine.head import LogitsHead
 from qwen_grpc.engine.kv_cache import BatchKVCache
@@ -58,8 +58,10 @@ class LoadedModel:
         return self.head(hidden[0])
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchKVCache, torch.Tensor]:
-        """Runs prompts left-padded in one pass.
+    def prefill(
+        self, prompts: list[list[int]], on_layer: LayerCallback | None = None
+    ) -> tuple[torch.Tensor, BatchKVCache, torch.Tensor]:
+        """Runs prompts left-padded in one pass; ``on_layer`` is called after every layer.
 
         Returns the last position's logits (float32, ``[batch, vocab]``), the filled cache and
         the attention mask (``[batch, width]``) that the decode steps extend.
@@ -72,15 +74,20 @@ class LoadedModel:
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._cache()
-        hidden = self.decoder(input_ids, positions, mask, cache)
+        hidden = self.decoder(input_ids, positions, mask, cache, on_layer)
         return self.head(hidden[:, -1, :]), cache, mask
 
     @torch.inference_mode()
     def decode(
-        self, tokens: torch.Tensor, cache: BatchKVCache, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        cache: BatchKVCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        on_layer: LayerCallback | None = None,
     ) -> torch.Tensor:
         """One decode step for every row; ``mask`` already includes the new column."""
-        hidden = self.decoder(tokens.unsqueeze(-1), positions.unsqueeze(-1), mask, cache)
+        hidden = self.decoder(tokens.unsqueeze(-1), positions.unsqueeze(-1), mask, cache, on_layer)
         return self.head(hidden[:, -1, :])
 
     def _cache(self) -> BatchKVCache:

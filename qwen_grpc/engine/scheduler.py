@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,6 +61,8 @@ class SchedulerLimits:
     max_batch_size: int = 8
     max_queue: int = 64
     kv_cache_tokens: int = 16384
+    """KV slots the batch may hold. The cache pads every row to the widest one, so a batch
+    costs rows x the widest row's prompt + max_new_tokens, not the sum of its rows."""
     max_prefill_tokens: int = 4096
     """Rows times the longest prompt in one prefill pass. A prefill stalls every running
     stream, and one of 16k fp32 tokens outlasts the watchdog; a longer prompt runs alone."""
@@ -72,12 +75,20 @@ class RequestHandle:
         self.request_id = request_id
         self._events: queue.SimpleQueue[Event | EngineError] = queue.SimpleQueue()
         self.cancelled = False
+        self._done = False
 
     def cancel(self) -> None:
         """Asks the engine to drop the sequence at its next step boundary."""
         self.cancelled = True
 
+    @property
+    def done(self) -> bool:
+        """An answer that ends the call (completion or error) has been put."""
+        return self._done
+
     def put(self, item: Event | EngineError) -> None:
+        if isinstance(item, Completed | EngineError):
+            self._done = True
         self._events.put(item)
 
     def __iter__(self) -> Iterator[Event]:
@@ -138,10 +149,16 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._rows: list[_Sequence] = []
+        self._joining: list[_Sequence] = []
         self._cache: BatchKVCache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
         self.last_progress = time.monotonic()
+        # Every handle that may still need an answer, under a lock of its own that nobody
+        # holds across work: the watchdog answers them when the engine thread is stuck, and
+        # a stuck thread may be holding ``_cond``.
+        self._handles_lock = threading.Lock()
+        self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
 
     # -- caller side -------------------------------------------------------------------------
 
@@ -197,19 +214,29 @@ class Engine:
                 self.last_progress = time.monotonic()
             self._pending.append(sequence)
             self._cond.notify()
+        with self._handles_lock:
+            self._handles.add(handle)
         return handle
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._rows)
+        """Requests wait, decode, or are being prefilled (off the queue, not yet in the batch)."""
+        return bool(self._pending or self._rows or self._joining)
 
     def abandon(self, error: EngineError) -> None:
         """Fails every queued and running request and refuses new ones.
 
         Called from the watchdog when the engine thread is stuck or dead: callers get an
-        answer instead of hanging on a thread that will never serve them.
+        answer instead of hanging on a thread that will never serve them. It takes no lock the
+        engine thread holds, so a thread stuck anywhere cannot make it hang too.
         """
-        self._fail_waiting(error)
+        self._accepting = False
+        with self._handles_lock:
+            handles = list(self._handles)
+        for handle in handles:
+            if not handle.done:
+                handle.cancel()
+                handle.put(error)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stops the thread; whatever is still queued or running fails as UNAVAILABLE."""
@@ -222,6 +249,10 @@ class Engine:
 
     # -- engine thread -----------------------------------------------------------------------
 
+    def _mark_progress(self) -> None:
+        """Called after every layer of a forward pass: a long prefill is slow, not stuck."""
+        self.last_progress = time.monotonic()
+
     def _run(self) -> None:
         try:
             while True:
@@ -230,24 +261,33 @@ class Engine:
                     break
                 self.last_progress = time.monotonic()
                 if joiners:
+                    self._joining = joiners
                     self._guarded(joiners, functools.partial(self._prefill, joiners), False)
+                    self._joining = []
                 if self._rows:
                     self._guarded(list(self._rows), self._decode_step, True)
         except BaseException:
             _LOGGER.exception("the engine thread died")
         finally:
-            self._fail_waiting(UnavailableError("the engine stopped"))
+            self.abandon(UnavailableError("the engine stopped"))
+            with self._cond:
+                self._pending.clear()
             self._reset_batch()
 
     def _wait_for_work(self) -> list[_Sequence] | None:
-        """Blocks until there is something to do; ``None`` means stop."""
+        """Blocks until there is something to do; ``None`` means stop.
+
+        The lock guards the queue and flags only: rows leave the batch (a cache copy and a
+        trim) outside it, so ``submit`` never waits on the model's memory.
+        """
         with self._cond:
             while not self._stopping and not self._pending and not self._rows:
                 self._cond.wait()
             if self._stopping:
                 return None
-            now = time.monotonic()
-            self._drop_rows_that_left(now)
+        now = time.monotonic()
+        self._drop_rows_that_left(now)
+        with self._cond:
             self._drop_pending_that_left(now)
             return self._admit()
 
@@ -266,20 +306,26 @@ class Engine:
 
     def _admit(self) -> list[_Sequence]:
         """Takes queued requests, oldest first, while batch slots, the KV budget and the prefill
-        budget allow; the rest join at a later step boundary."""
-        reserved = sum(seq.reserved_tokens for seq in self._rows)
+        budget allow; the rest join at a later step boundary.
+
+        The KV budget counts what the padded layout allocates: every row as wide as the widest
+        row will grow (its prompt plus max_new_tokens). One long prompt among short streams
+        therefore waits for room instead of widening every row to its length.
+        """
+        rows = len(self._rows)
+        widest_row = max((seq.reserved_tokens for seq in self._rows), default=0)
         admitted: list[_Sequence] = []
         longest = 0
-        while self._pending and len(self._rows) + len(admitted) < self.limits.max_batch_size:
+        while self._pending and rows + len(admitted) < self.limits.max_batch_size:
             candidate = self._pending[0]
-            if reserved + candidate.reserved_tokens > self.limits.kv_cache_tokens:
+            widest = max(widest_row, candidate.reserved_tokens)
+            if widest * (rows + len(admitted) + 1) > self.limits.kv_cache_tokens:
                 break
-            widest = max(longest, len(candidate.request.prompt_ids))
-            if admitted and widest * (len(admitted) + 1) > self.limits.max_prefill_tokens:
+            prompt_width = max(longest, len(candidate.request.prompt_ids))
+            if admitted and prompt_width * (len(admitted) + 1) > self.limits.max_prefill_tokens:
                 break
             self._pending.popleft()
-            reserved += candidate.reserved_tokens
-            longest = widest
+            widest_row, longest = widest, prompt_width
             admitted.append(candidate)
         return admitted
 
@@ -313,7 +359,7 @@ class Engine:
     def _prefill(self, joiners: list[_Sequence]) -> None:
         started = time.perf_counter()
         prompts = [list(seq.request.prompt_ids) for seq in joiners]
-        logits, cache, mask = self.model.prefill(prompts)
+        logits, cache, mask = self.model.prefill(prompts, self._mark_progress)
         self._observe("prefill", len(joiners), sum(len(p) for p in prompts), started)
         for row, seq in enumerate(joiners):
             self._accept_token_isolated(seq, logits[row])
@@ -354,7 +400,9 @@ class Engine:
         self._mask = torch.cat(
             [self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1
         )
-        logits = self.model.decode(tokens, self._cache, self._mask, self._positions)
+        logits = self.model.decode(
+            tokens, self._cache, self._mask, self._positions, self._mark_progress
+        )
         self._observe("decode", len(self._rows), len(self._rows), started)
         self._positions += 1
         for row, seq in enumerate(self._rows):
@@ -424,16 +472,6 @@ class Engine:
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
         release_free_memory()
-
-    def _fail_waiting(self, error: EngineError) -> None:
-        """Answers every queued and running request with ``error``; safe from any thread."""
-        with self._cond:
-            self._accepting = False
-            waiting = list(self._pending) + self._rows
-            self._pending.clear()
-        for seq in waiting:
-            if not seq.finished:
-                seq.handle.put(error)
 
 
 def _failure(seq: _Sequence) -> GenerationFailedError:
