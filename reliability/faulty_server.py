@@ -85,13 +85,13 @@ def install(step_delay_seconds: float) -> None:
             _poisoned_prompts.add(request.prompt_ids)
         return submit(self, request)
 
-    def failing_prefill(self: LoadedModel, prompts: list[list[int]]) -> Any:
+    def failing_prefill(self: LoadedModel, prompts: list[list[int]], *args: Any) -> Any:
         if any(tuple(prompt) in _poisoned_prompts for prompt in prompts):
             raise InjectedFault("injected fault in a prefill forward pass")
-        return prefill(self, prompts)
+        return prefill(self, prompts, *args)
 
     Engine.submit = marking_submit  # type: ignore[method-assign]
-    LoadedModel.prefill = failing_prefill  # type: ignore[method-assign]
+    LoadedModel.prefill = failing_prefill  # type: ignore[method-assign,assignment]
     if step_delay_seconds > 0:
         decode = LoadedModel.decode
 
