@@ -10,17 +10,17 @@ implementation of the same arithmetic does (``reference.py``). Both read one pac
 One :class:`Q8Weight` can back both a tied LM head (:meth:`Q8Weight.linear`) and the embedding
 (:meth:`Q8Weight.rows`): one int8 copy instead of two.
 
-The int8 KV cache has its quantizer (:func:`quantize_kv`, torch on both paths) and the decode
-attention that reads it (:func:`decode_attention`, ``kv.cpp`` natively, ``kv_reference.py``
-otherwise), built into the same extension under the same path decision.
+The int8 KV cache has its quantizer (:func:`quantize_kv`) and the decode attention that reads
+it (:func:`decode_attention`): ``kv.cpp`` natively, ``kv_layout.py`` and ``kv_reference.py``
+otherwise, built into the same extension under the same path decision.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qwen_grpc.engine.kernels import kv_reference, layout, native, reference
-from qwen_grpc.engine.kernels.kv_layout import dequantize_kv, quantize_kv
+from qwen_grpc.engine.kernels import kv_layout, kv_reference, layout, native, reference
+from qwen_grpc.engine.kernels.kv_layout import dequantize_kv
 
 __all__ = [
     "Q8Weight",
@@ -104,6 +104,32 @@ def quantize_q8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q8Wei
     return Q8Weight(packed, scales, weight.shape[0], bias)
 
 
+def _native_head_dim(head_dim: int) -> bool:
+    return (
+        native_available()
+        and head_dim % _NATIVE_HEAD_DIM_STEP == 0
+        and head_dim <= _NATIVE_MAX_HEAD_DIM
+    )
+
+
+def quantize_kv(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values of ``states [..., tokens, head_dim]`` and float32 scales ``[..., tokens]``.
+
+    Symmetric per token and head: ``scale = max|x| / 127``, values rounded to nearest (even),
+    so each de-quantized element is within ``scale / 2``. An all-zero token has scale 0.
+    Native for float32/bf16 when ``head_dim`` is a multiple of 16; identical results on both
+    paths (see ``kv_layout``).
+    """
+    if (
+        states.dtype in (torch.float32, torch.bfloat16)
+        and states.dim() >= 2
+        and _native_head_dim(states.shape[-1])
+    ):
+        values, scales = torch.ops.qwen_q8.quantize_kv(states.contiguous())
+        return values, scales
+    return kv_layout.quantize_kv(states)
+
+
 def decode_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -135,11 +161,7 @@ def decode_attention(
         )
     queries = queries.float().contiguous()
     head_dim = queries.shape[-1]
-    if (
-        native_available()
-        and head_dim % _NATIVE_HEAD_DIM_STEP == 0
-        and head_dim <= _NATIVE_MAX_HEAD_DIM
-    ):
+    if _native_head_dim(head_dim):
         return torch.ops.qwen_q8.decode_attention(
             queries,
             keys.contiguous(),

@@ -1,4 +1,9 @@
-// Decode attention over an int8 KV cache (one scale per token and head), as `qwen_q8::decode_attention`.
+// The int8 KV cache (one scale per token and head): `qwen_q8::quantize_kv` writes it and
+// `qwen_q8::decode_attention` reads it.
+//
+// Quantization is kv_layout.py's arithmetic in AVX512: scale = max|x| / 127, q = x * (1 / scale)
+// rounded to nearest even; natively because a decode step quantizes 2 x layers tiny tensors,
+// where torch's per-op overhead (~20 us a call) cost as much as the attention itself.
 //
 // One query token per row reads keys and values stored as int8 with float32 scales: half the
 // bytes of bf16, and decode attention is memory bound. Arithmetic, all float32: scores are
@@ -16,7 +21,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -24,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -271,9 +279,55 @@ at::Tensor decode_attention(const at::Tensor& queries, const at::Tensor& keys,
   return out;
 }
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+void quantize_tokens(const T* x, int8_t* q, float* scales, int64_t tokens, int64_t dim) {
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = x + t * dim;
+      __m512 top = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += kLanes) top = _mm512_max_ps(top, _mm512_abs_ps(load16(row + d)));
+      const float scale = _mm512_reduce_max_ps(top) / 127.0f;
+      const __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+      for (int64_t d = 0; d < dim; d += kLanes) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(row + d), inverse));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + t * dim + d), _mm512_cvtsepi32_epi8(v));
+      }
+      scales[t] = scale;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_kv(const at::Tensor& states) {
+  TORCH_CHECK(states.dim() >= 1 && states.is_contiguous() &&
+                  (states.scalar_type() == at::kFloat || states.scalar_type() == at::kBFloat16),
+              "quantize_kv: states must be contiguous float32 or bfloat16 [..., head_dim]");
+  const int64_t dim = states.size(-1);
+  TORCH_CHECK(dim % kLanes == 0 && dim > 0, "quantize_kv: head_dim must be a multiple of 16");
+  at::Tensor values = at::empty(states.sizes(), states.options().dtype(at::kChar));
+  at::Tensor scales = at::empty(states.sizes().slice(0, states.dim() - 1),
+                                states.options().dtype(at::kFloat));
+  const int64_t tokens = states.numel() / dim;
+  if (states.scalar_type() == at::kFloat) {
+    quantize_tokens(states.data_ptr<float>(), values.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                    tokens, dim);
+  } else {
+    quantize_tokens(states.data_ptr<c10::BFloat16>(), values.data_ptr<int8_t>(),
+                    scales.data_ptr<float>(), tokens, dim);
+  }
+  return {values, scales};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qwen_q8, m) {
+  m.def("quantize_kv(Tensor states) -> (Tensor, Tensor)", &quantize_kv);
   m.def(
       "decode_attention(Tensor queries, Tensor keys, Tensor key_scales, Tensor values, "
       "Tensor value_scales, Tensor bias, float scale) -> Tensor",

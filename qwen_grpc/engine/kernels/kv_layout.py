@@ -4,8 +4,8 @@ Keys and values are stored as int8 with one float32 scale per token and head: ``
 max|x| / 127`` over the head's ``head_dim`` values and ``q = round(x * (1 / scale))`` (round
 half to even, clamped to +-127), the arithmetic of :func:`layout.block_scales` with the block
 being one token of one head. Half the bytes of bf16 plus 4 bytes per token and head (6% at
-``head_dim`` 64). It stays in torch: at decode it quantizes one token per row and layer, a few
-kilobytes, and at prefill the whole prompt once.
+``head_dim`` 64). This module is the torch implementation: the fallback, and the definition
+``kv.cpp``'s native quantizer matches bit for bit.
 """
 
 from __future__ import annotations
