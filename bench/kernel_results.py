@@ -71,8 +71,8 @@ def _render_attention(section: dict[str, Any]) -> str:
         f"{section['kernel_path']}. One pass = decode attention of one token per row in all "
         f"{section['layers']} layers (distinct caches, cold), batch {section['batch']}, every "
         "column visible; median of the passes. `bf16_two_bmm` is `Decoder._attend_one`; "
-        "`quantize_kv` is the per-step cost of quantizing the new keys and values (2 calls "
-        "per layer).",
+        "`quantize_kv` (native) and `quantize_kv_torch` are the per-step cost of quantizing "
+        "the new keys and values (2 calls per layer).",
         "",
         "| model | kernel | threads | capacity | ms / pass (median) | ms (min) | GB/s | MB read |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

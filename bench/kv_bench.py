@@ -5,7 +5,7 @@
 decode step does, and times full passes of: the native int8 ``decode_attention``, its torch
 fallback (2 threads only: it is slow) and ``Decoder._attend_one`` on bf16 buffers (copied
 here, so the comparison does not move when the decoder does). It also times ``quantize_kv``
-for one new token per row in every layer, the write side of an int8 cache. GB/s counts the
+(native and torch) for one new token per row in every layer, the write side of an int8 cache. GB/s counts the
 cache bytes a pass reads. Writes the ``decode_attention`` key of
 ``bench/results/kernels.json`` and ``kernels.md`` (see ``kernel_results``).
 """
@@ -25,7 +25,13 @@ import torch
 
 from bench.kernel_results import RESULTS, write_results
 from bench.machine import load_average, machine_info
-from qwen_grpc.engine.kernels import decode_attention, kernel_path, kv_reference, quantize_kv
+from qwen_grpc.engine.kernels import (
+    decode_attention,
+    kernel_path,
+    kv_layout,
+    kv_reference,
+    quantize_kv,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -96,13 +102,14 @@ def _bf16_pass(layers: list[Layer], bias: torch.Tensor, scale: float) -> Pass:
     return run
 
 
-def _quantize_pass(shape: tuple[int, int, int]) -> Pass:
+def _quantize_pass(shape: tuple[int, int, int], native: bool) -> Pass:
     _, kv_heads, dim = shape
     new = [torch.randn(BATCH, kv_heads, 1, dim).bfloat16() for _ in range(2 * LAYERS)]
+    quantize = quantize_kv if native else kv_layout.quantize_kv
 
     def run() -> None:
         for states in new:
-            quantize_kv(states)
+            quantize(states)
 
     return run
 
@@ -155,13 +162,13 @@ def run(capacities: list[int], passes: int, threads: list[int], seed: int) -> di
                         }
                     )
             del layers
-        for count in threads:
+        for count, native in ((t, n) for t in threads for n in (True, False)):
             torch.set_num_threads(count)
-            timing = _time(_quantize_pass(shape), passes)
+            timing = _time(_quantize_pass(shape, native), passes)
             rows.append(
                 {
                     "model": model,
-                    "kernel": "quantize_kv",
+                    "kernel": "quantize_kv" if native else "quantize_kv_torch",
                     "threads": count,
                     "capacity": 1,
                     "bytes": BATCH * kv_heads * dim * 2 * 2 * LAYERS,
