@@ -5,13 +5,13 @@ o, fused gate_up and down, plus the 151936-row tied head) with random weights, d
 layer so a pass streams ~0.5 GB (q8) or ~0.9 GB (bf16) from memory, as decode does, and times
 full passes over them for the native q8 kernel, its torch fallback (batch 1 at the largest
 thread count only: it is slow) and oneDNN's packed bf16 linear (what
-``fast_linear.PackedBf16Linear`` runs). GB/s counts the weight bytes a pass reads. Writes ``bench/results/kernels.json`` and ``kernels.md``.
+``fast_linear.PackedBf16Linear`` runs). GB/s counts the weight bytes a pass reads. Writes its
+keys of ``bench/results/kernels.json`` and ``kernels.md`` (see ``kernel_results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bench.kernel_results import RESULTS, write_results
 from bench.machine import load_average, machine_info
 from qwen_grpc.engine.kernels import Q8Weight, kernel_path, native_available, quantize_q8, reference
 
@@ -31,7 +32,6 @@ LAYERS = 24
 VOCAB = 151936
 LAYER_SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (5632, HIDDEN)}
 DOWN = (HIDDEN, 2816)
-RESULTS = Path(__file__).parent / "results"
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -156,28 +156,6 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
     }
 
 
-def render_markdown(record: dict[str, Any]) -> str:
-    """The table view of the JSON record."""
-    machine = record["machine"]
-    lines = [
-        "# Q8_0 kernel microbenchmark",
-        "",
-        f"CPU: {machine['cpu_model']} ({', '.join(machine['cpu_flags'])}), "
-        f"load average {machine['load_average_start']} → {machine['load_average_end']}.",
-        f"{record['kernel_path']}. One pass = all {record['matrices']} linears of Qwen1.5-0.5B "
-        "(distinct weights, cold); median of the passes.",
-        "",
-        "| kernel | threads | batch | ms / pass (median) | ms (min) | GB/s | MB read | lm_head ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in record["results"]:
-        lines.append(
-            f"| {row['kernel']} | {row['threads']} | {row['batch']} | {row['ms_median']:.2f} | {row['ms_min']:.2f} | "
-            f"{row['gb_per_s']:.1f} | {row['weight_bytes'] / 1e6:.0f} | {row['ms_by_kind']['lm_head']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -193,11 +171,7 @@ def main() -> None:
         [int(t) for t in args.threads.split(",")],
         args.seed,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(record, indent=2) + "\n")
-    markdown = render_markdown(record)
-    (args.out / "kernels.md").write_text(markdown)
-    _LOGGER.info("%s", markdown)
+    _LOGGER.info("%s", write_results(args.out, record))
 
 
 if __name__ == "__main__":

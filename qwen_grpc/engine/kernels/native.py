@@ -3,7 +3,8 @@
 The extension is compiled with ``torch.utils.cpp_extension.load`` into a directory named by the
 sha256 of the source, the flags and the torch version, so a second process (or ``make install``
 having run ``python -m qwen_grpc.engine.kernels``) loads it without compiling. Its ops are
-registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows``): the dispatcher
+registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows`` from ``q8.cpp``,
+``.decode_attention`` from ``kv.cpp``, one library built from both sources): the dispatcher
 checks the schema, and no pybind11 headers are compiled. ``at::parallel_for`` inside it runs on
 torch's own OpenMP pool, so ``torch.set_num_threads`` applies.
 """
@@ -24,7 +25,7 @@ import torch
 
 _LOGGER = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("q8.cpp")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp"))
 _EXTENSION = "qwen_q8"
 _CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 # -fopenmp makes at::parallel_for's pragma real; the extension then links libgomp.so.1 by
@@ -68,7 +69,8 @@ def missing_cpu_features(flags: frozenset[str]) -> list[str]:
 def build_directory() -> Path:
     """``<cache>/kernels/<sha256>``: a changed source, flag or torch version rebuilds."""
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
     digest.update(" ".join(_CFLAGS + _OPENMP).encode())
     digest.update(torch.__version__.encode())
     cache = os.environ.get(CACHE_ENV)
@@ -84,7 +86,7 @@ def _build() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=_EXTENSION,
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=_CFLAGS + _OPENMP,
         extra_ldflags=_OPENMP,
         build_directory=str(directory),
