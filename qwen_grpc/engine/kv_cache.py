@@ -6,12 +6,16 @@ per layer, so a decode step is a single forward pass over the whole batch. Joini
 cost one copy of the cache; a decode step appends in place into spare capacity instead of
 concatenating (which would copy the whole cache every token). Every reallocation hands the
 freed buffers' pages back to the OS (see ``memory.py``), so RSS follows the batch down too.
+
+A quantized cache stores keys and values as int8 with one float32 scale per token and head
+(``kernels.quantize_kv``): half the bytes of bf16, read by ``kernels.decode_attention``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qwen_grpc.engine.kernels import dequantize_kv, quantize_kv
 from qwen_grpc.engine.memory import release_free_memory
 
 # Spare columns allocated each time a layer's buffer fills up: a larger step copies the cache
@@ -19,14 +23,19 @@ from qwen_grpc.engine.memory import release_free_memory
 # whole buffer, wastes less attention on empty columns (8 rows x 24 layers x 32 columns of
 # Qwen1.5-0.5B keys and values are 25 MB in bf16).
 _GROWTH_COLUMNS = 32
+# Every stored tensor is [batch, kv_heads, columns, ...]: keys and values, and their scales.
+_COLUMNS = 2
 
 
 class LayerCache:
-    """One layer's keys and values ``[batch, kv_heads, width, head_dim]`` with spare columns."""
+    """One layer's keys and values ``[batch, kv_heads, width, head_dim]`` with spare columns.
 
-    def __init__(self) -> None:
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
+    Plain: ``(keys, values)``. Quantized: ``(keys, key_scales, values, value_scales)``.
+    """
+
+    def __init__(self, quantized: bool) -> None:
+        self.quantized = quantized
+        self._parts: tuple[torch.Tensor, ...] = ()
         self._width = 0
 
     @property
@@ -35,81 +44,95 @@ class LayerCache:
 
     @property
     def capacity(self) -> int:
-        return 0 if self._keys is None else self._keys.shape[-2]
+        return self._parts[0].shape[_COLUMNS] if self._parts else 0
 
     def reserve(self, columns: int) -> None:
         """Makes room for ``columns`` more without moving the filled ones again this step."""
         if self._width + columns > self.capacity:
-            self._set(*self.states(), spare=columns)
+            self._set(self._filled(), spare=columns)
 
-    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def buffers(self) -> tuple[torch.Tensor, ...]:
         """The whole contiguous buffers, spare columns (zeros) included.
 
         Batched matmuls copy a column slice of a larger buffer into a contiguous tensor first;
         at 8 rows x 500 columns that copy cost more than the attention itself.
         """
-        if self._keys is None or self._values is None:
+        if not self._parts:
             raise RuntimeError("the cache layer is empty")
-        return self._keys, self._values
+        return self._parts
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the filled columns."""
-        if self._keys is None or self._values is None:
-            raise RuntimeError("the cache layer is empty")
-        return self._keys[..., : self._width, :], self._values[..., : self._width, :]
+        """Keys and values of the filled columns (de-quantized to float32 if stored as int8)."""
+        parts = self._filled()
+        if self.quantized:
+            keys, key_scales, values, value_scales = parts
+            return dequantize_kv(keys, key_scales), dequantize_kv(values, value_scales)
+        return parts[0], parts[1]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Writes the new columns (growing the buffers if they are full)."""
-        if self._keys is None:
-            self._set(keys[..., :0, :], values[..., :0, :], spare=keys.shape[-2])
-        self.reserve(keys.shape[-2])
-        assert self._keys is not None and self._values is not None
-        end = self._width + keys.shape[-2]
-        self._keys[..., self._width : end, :] = keys
-        self._values[..., self._width : end, :] = values
-        self._width = end
+        parts = (*quantize_kv(keys), *quantize_kv(values)) if self.quantized else (keys, values)
+        columns = keys.shape[_COLUMNS]
+        if not self._parts:
+            self._set(tuple(part.narrow(_COLUMNS, 0, 0) for part in parts), spare=columns)
+        self.reserve(columns)
+        for buffer, part in zip(self._parts, parts, strict=True):
+            buffer.narrow(_COLUMNS, self._width, columns).copy_(part)
+        self._width += columns
 
-    def _set(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
-        """Copies ``keys``/``values`` into fresh buffers with room for ``spare`` more columns.
+    def _filled(self) -> tuple[torch.Tensor, ...]:
+        if not self._parts:
+            raise RuntimeError("the cache layer is empty")
+        return tuple(part.narrow(_COLUMNS, 0, self._width) for part in self._parts)
+
+    def _set(self, parts: tuple[torch.Tensor, ...], spare: int) -> None:
+        """Copies ``parts`` into fresh buffers with room for ``spare`` more columns.
 
         Spare columns are zeros, not garbage: attention over the whole buffer masks them, and a
         masked NaN would still turn the softmax-weighted sum into NaN.
         """
-        batch, heads, width, dim = keys.shape
+        width = parts[0].shape[_COLUMNS]
         capacity = width + max(spare, _GROWTH_COLUMNS)
-        self._keys = keys.new_zeros((batch, heads, capacity, dim))
-        self._values = values.new_zeros((batch, heads, capacity, dim))
-        self._keys[..., :width, :] = keys
-        self._values[..., :width, :] = values
+        buffers = []
+        for part in parts:
+            shape = list(part.shape)
+            shape[_COLUMNS] = capacity
+            buffer = part.new_zeros(shape)
+            buffer.narrow(_COLUMNS, 0, width).copy_(part)
+            buffers.append(buffer)
+        self._parts = tuple(buffers)
         self._width = width
 
     def select_rows(self, rows: torch.Tensor, drop_left: int) -> None:
         """Keeps ``rows`` and drops ``drop_left`` leading columns that are padding in all of them."""
-        keys, values = self.states()
-        self._set(keys[rows, :, drop_left:], values[rows, :, drop_left:], spare=0)
+        width = self._width - drop_left
+        kept = tuple(part[rows].narrow(_COLUMNS, drop_left, width) for part in self._filled())
+        self._set(kept, spare=0)
 
     def append_rows(self, other: LayerCache) -> None:
         """Stacks another cache's rows under ours, left-padding whichever is shorter."""
         width = max(self._width, other._width)
-        own_keys, own_values = self.states()
-        other_keys, other_values = other.states()
-        keys = torch.cat([_left_pad(own_keys, width), _left_pad(other_keys, width)])
-        values = torch.cat([_left_pad(own_values, width), _left_pad(other_values, width)])
-        self._set(keys, values, spare=0)
+        stacked = tuple(
+            torch.cat([_left_pad(mine, width), _left_pad(theirs, width)])
+            for mine, theirs in zip(self._filled(), other._filled(), strict=True)
+        )
+        self._set(stacked, spare=0)
 
 
-def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - states.shape[-2]
+def _left_pad(part: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - part.shape[_COLUMNS]
     if missing == 0:
-        return states
-    return torch.nn.functional.pad(states, (0, 0, missing, 0))
+        return part
+    shape = list(part.shape)
+    shape[_COLUMNS] = missing
+    return torch.cat([part.new_zeros(shape), part], dim=_COLUMNS)
 
 
 class BatchKVCache:
     """The per-layer caches of one batch, with row-level join and leave."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, quantized: bool = False) -> None:
+        self.layers = [LayerCache(quantized) for _ in range(num_layers)]
 
     @property
     def width(self) -> int:

@@ -91,7 +91,7 @@ class LoadedModel:
         return self.head(hidden[:, -1, :])
 
     def _cache(self) -> BatchKVCache:
-        return BatchKVCache(self.num_layers)
+        return BatchKVCache(self.num_layers, self.decoder.quantized_kv)
 
 
 def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> frozenset[int]:
@@ -119,7 +119,12 @@ def _build(model: PreTrainedModel, precision: str, copy: bool = True) -> tuple[D
         raise UnsupportedModelError("an output layer with a bias is not supported")
     weights = prepare_weights(embedding.weight.detach(), output.weight.detach(), precision, copy)
     decoder = build_decoder(
-        model, weights.linear, weights.embedding, weights.compute_dtype, weights.kv_dtype
+        model,
+        weights.linear,
+        weights.embedding,
+        weights.compute_dtype,
+        weights.kv_dtype,
+        weights.quantized_kv,
     )
     return decoder, weights.head
 

@@ -8,7 +8,8 @@ Every precision keeps the residual stream, norms, rotary embedding and softmax i
   AVX512-BF16); an int8 head ranks the vocabulary and the top logits are recomputed from the
   bf16 rows (see ``head.py``).
 * ``q8``: llama.cpp's Q8_0 (int8 weights and activations in blocks of 32) for every linear,
-  the head and the embedding, through the native kernel (see ``q8.py``).
+  the head and the embedding, through the native kernel (see ``q8.py``), and an int8 KV
+  cache with a scale per token and head.
 * ``int8``: per-channel int8 weights (``quantize.py``) for every linear and the embedding; a
   tied head ranks with the same int8 table it recomputes from.
 """
@@ -56,7 +57,9 @@ class PreparedWeights:
     compute_dtype: torch.dtype
     """What a linear reads as input."""
     kv_dtype: torch.dtype
-    """What the KV cache stores and decode attention multiplies in."""
+    """What attention multiplies in (and a plain KV cache stores)."""
+    quantized_kv: bool = False
+    """The KV cache stores int8 with a scale per token and head (q8)."""
 
 
 def _dense(copy: bool) -> LinearFactory:
@@ -115,7 +118,7 @@ def prepare_weights(
         q8_table = quantize_q8(embedding_weight)
         q8_head = q8_table if tied else quantize_q8(head_weight)
         return PreparedWeights(
-            _q8, Q8Table(q8_table), Q8Head(q8_head), torch.float32, torch.bfloat16
+            _q8, Q8Table(q8_table), Q8Head(q8_head), torch.float32, torch.bfloat16, True
         )
     if precision == "float32":
         dense = DenseTable(embedding_weight.float().clone() if copy else embedding_weight.float())
