@@ -74,9 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add(
         "--long-prompt-timeout",
         type=float,
-        default=600.0,
-        help="deadline of each long-prompt scenario call, in seconds; the server cuts it to its "
-        "max_deadline_seconds (default: 600)",
+        default=1800.0,
+        help="deadline of each long-prompt scenario call, in seconds (default: 1800)",
     )
     add(
         "--threads",
