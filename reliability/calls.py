@@ -35,6 +35,10 @@ class CallOutcome:
     deltas: int = 0
     text: str = ""
     completion_tokens: int = 0
+    message: str = ""
+    """The status message of a failed call: what a refusal told the caller."""
+    delta_times: tuple[float, ...] = ()
+    """Streams: ``time.monotonic()`` at each text delta, for gaps between tokens."""
 
     @property
     def ok(self) -> bool:
@@ -66,7 +70,9 @@ def chat(
     try:
         reply = stub.Chat(chat_pb2.ChatRequest(messages=messages, options=options), timeout=timeout)
     except grpc.RpcError as error:
-        return CallOutcome(CHAT, error.code().name, time.monotonic() - started)
+        return CallOutcome(
+            CHAT, error.code().name, time.monotonic() - started, message=error.details() or ""
+        )
     whole = reply.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED
     return CallOutcome(
         CHAT,
@@ -94,13 +100,14 @@ def stream(
     started = time.monotonic()
     ttft: float | None = None
     parts: list[str] = []
+    times: list[float] = []
     final: chat_pb2.StreamChatFinal | None = None
     after_final = 0
     call = stub.StreamChat(
         chat_pb2.StreamChatRequest(messages=messages, options=options), timeout=timeout
     )
 
-    def outcome(code: str) -> CallOutcome:
+    def outcome(code: str, message: str = "") -> CallOutcome:
         return CallOutcome(
             STREAM,
             code,
@@ -109,6 +116,8 @@ def stream(
             deltas=len(parts),
             text="".join(parts),
             completion_tokens=0 if final is None else final.usage.completion_tokens,
+            message=message,
+            delta_times=tuple(times),
         )
 
     try:
@@ -123,11 +132,12 @@ def stream(
                     if first_delta is not None:
                         first_delta.set()
                 parts.append(reply.delta)
+                times.append(time.monotonic())
                 if cancel_after is not None and len(parts) >= cancel_after:
                     call.cancel()
                     return outcome("CANCELLED")
     except grpc.RpcError as error:
-        return outcome(error.code().name)
+        return outcome(error.code().name, error.details() or "")
     whole = (
         final is not None
         and after_final == 0

@@ -12,14 +12,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
-from harness.probes import health_status
 from harness.server_process import ServerProcess
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from reliability import calls
 from reliability.report import ScenarioResult
 from reliability.stats import counts, rounded
+from reliability.watch import HealthWatch
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,53 +39,18 @@ class DrainPlan:
         )
 
 
-class _HealthWatch:
-    """Polls health on its own connection and records what it saw, from SIGTERM on."""
-
-    def __init__(self, address: str, interval: float) -> None:
-        self._address = address
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-watch", daemon=True)
-        self.since = time.monotonic()
-        self.seen: list[tuple[float, str]] = []
-
-    def _run(self) -> None:
-        with calls.open_channel(self._address) as channel:
-            while not self._stop.wait(self._interval):
-                status = health_status(channel, timeout=1.0)
-                self.seen.append((time.monotonic() - self.since, status))
-
-    def start(self) -> None:
-        self.since = time.monotonic()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def runs(self) -> list[dict[str, Any]]:
-        """Consecutive equal observations merged: what health said, from when, how often."""
-        merged: list[dict[str, Any]] = []
-        for at, status in self.seen:
-            if merged and merged[-1]["status"] == status:
-                merged[-1]["polls"] += 1
-            else:
-                merged.append({"status": status, "from_seconds": round(at, 2), "polls": 1})
-        return merged
-
-    def truthful(self) -> bool:
-        """NOT_SERVING was seen, and SERVING never again once it had been."""
-        statuses = [status for _, status in self.seen]
-        if "NOT_SERVING" not in statuses:
-            return False
-        return "SERVING" not in statuses[statuses.index("NOT_SERVING") :]
+def _truthful(watch: HealthWatch) -> bool:
+    """NOT_SERVING was seen, and SERVING never again once it had been."""
+    statuses = watch.statuses
+    if "NOT_SERVING" not in statuses:
+        return False
+    return "SERVING" not in statuses[statuses.index("NOT_SERVING") :]
 
 
 def run_drain(server: ServerProcess, plan: DrainPlan) -> ScenarioResult:
     """Starts the streams, waits until each has produced text, sends SIGTERM, watches."""
     started = [threading.Event() for _ in range(plan.streams)]
-    watch = _HealthWatch(server.address, plan.poll_seconds)
+    watch = HealthWatch(server.address, plan.poll_seconds)
     with ThreadPoolExecutor(plan.streams) as pool:
 
         def one(index: int) -> tuple[calls.CallOutcome, float]:
@@ -133,7 +97,7 @@ def run_drain(server: ServerProcess, plan: DrainPlan) -> ScenarioResult:
         "all of them still running when the server stopped taking calls (after the "
         "drain delay)": ended_after_delay == plan.streams,
         f"all {plan.streams} streams completed with their final message": completed == plan.streams,
-        "health NOT_SERVING during the drain, never SERVING again": watch.truthful(),
+        "health NOT_SERVING during the drain, never SERVING again": _truthful(watch),
         "exit code 0": code == 0,
         f"exit within the drain delay and grace ({exit_limit:g} s)": code is not None
         and exit_seconds <= exit_limit,

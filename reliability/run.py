@@ -3,9 +3,11 @@
 Each scenario gets a fresh server process on loopback, so one scenario's damage cannot pass
 for another's: load, bad input and soak on the tiny model (real tokenizer, instant compute),
 faults on the tiny model behind :mod:`reliability.faulty_server`, drain on the offline demo
-model as deployed. The run writes ``reliability/results/latest.json`` and ``latest.md``, prints
+model as deployed, long prompt on the Qwen-shaped random model (production's compute and
+memory) with a prompt as long as the server admits. The run writes ``reliability/results/latest.json`` and ``latest.md``, prints
 the summary table and exits 1 if any scenario failed. The defaults fit in about ten minutes on
-two cores; the flags trade time for counts.
+two cores, plus the long prompt, whose 16k-token prefill alone takes minutes there; the flags
+trade time for counts (``--long-prompt-tokens 2000`` for a quick run).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from reliability.drain import DrainPlan, run_drain
 from reliability.faults import FaultPlan, run_faults
 from reliability.launcher import ServerLauncher
 from reliability.load import LoadPlan, run_load
+from reliability.long_prompt import LongPromptPlan, run_long_prompt
 from reliability.report import RunInfo, ScenarioResult, write_results
 from reliability.soak import SoakPlan, run_soak
 
 _LOGGER = logging.getLogger("reliability")
-SCENARIOS = ("load", "bad_input", "faults", "drain", "soak")
+SCENARIOS = ("load", "bad_input", "faults", "drain", "soak", "long_prompt")
 
 
 def _scenario_list(raw: str) -> tuple[str, ...]:
@@ -61,6 +64,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--soak-requests", type=int, default=1000, help="soak requests (default: 1000)")
     add(
         "--soak-baseline", type=int, default=100, help="requests before the baseline (default: 100)"
+    )
+    add(
+        "--long-prompt-tokens",
+        type=int,
+        default=0,
+        help="length of the long prompt; 0 = the server's max_prompt_tokens (default: 0)",
+    )
+    add(
+        "--long-prompt-timeout",
+        type=float,
+        default=1800.0,
+        help="deadline of each long-prompt scenario call, in seconds (default: 1800)",
     )
     add(
         "--threads",
@@ -97,6 +112,9 @@ def _runners(
         seed=args.seed,
     )
     drain = DrainPlan(streams=args.drain_streams, max_new_tokens=args.drain_tokens)
+    long_prompt = LongPromptPlan(
+        prompt_tokens=args.long_prompt_tokens, call_timeout_seconds=args.long_prompt_timeout
+    )
     drain_server = launcher.demo if args.drain_model == "demo" else launcher.tiny
     return {
         "load": lambda: on(
@@ -122,6 +140,10 @@ def _runners(
                 s,
                 SoakPlan(requests=args.soak_requests, baseline=args.soak_baseline, seed=args.seed),
             ),
+        ),
+        "long_prompt": lambda: on(
+            launcher.qwen("long_prompt", *threads, *long_prompt.server_args()),
+            lambda s: run_long_prompt(s, long_prompt, launcher.qwen_model),
         ),
     }
 

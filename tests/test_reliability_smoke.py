@@ -5,7 +5,8 @@ still starts its server, drives it and judges it, so a change to the service tha
 promise (or breaks the suite) shows up in ``make test``. Two tiny-model servers load in
 parallel: one to drain, and one :mod:`reliability.faulty_server` (the real server, plus faults
 only marked requests trigger and a short decode delay) shared by load, bad input and soak,
-then by the fault scenario, which ends it with SIGTERM.
+then by the fault scenario, which ends it with SIGTERM. A third runs the long prompt, on the
+tiny model a wiring check only: its memory verdict means something on the Qwen-shaped model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from reliability.drain import DrainPlan, run_drain
 from reliability.faults import FaultPlan, run_faults
 from reliability.launcher import ServerLauncher
 from reliability.load import LoadPlan, run_load
+from reliability.long_prompt import LongPromptPlan, run_long_prompt
 from reliability.report import RunInfo, ScenarioResult, write_results
 from reliability.soak import SoakPlan, run_soak
 
@@ -38,6 +40,9 @@ FAULTS = FaultPlan(
     grace_seconds=1.0,
 )
 DRAIN = DrainPlan(streams=4, max_new_tokens=200, grace_seconds=10.0, drain_delay_seconds=0.2)
+LONG_PROMPT = LongPromptPlan(
+    prompt_tokens=1000, short_new_tokens=200, health_interval_seconds=0.1, call_timeout_seconds=60.0
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,7 @@ def servers(
     started = {
         "shared": launcher.tiny("shared", *ONE_THREAD, *FAULTS.server_args(), faulty=True),
         "drain": launcher.tiny("drain", *ONE_THREAD, *DRAIN.server_args()),
+        "long_prompt": launcher.tiny("long_prompt", *ONE_THREAD, *LONG_PROMPT.server_args()),
     }
     try:
         for server in started.values():
@@ -118,6 +124,20 @@ def test_drain_completes_streams_in_flight(servers: dict[str, ServerProcess]) ->
     result = run_drain(servers["drain"], DRAIN)
 
     assert result.passed, failed(result)
+
+
+def test_a_long_prompt_joins_streaming_calls_and_every_call_is_answered(
+    servers: dict[str, ServerProcess], tiny_model_dir: Path
+) -> None:
+    result = run_long_prompt(servers["long_prompt"], LONG_PROMPT, tiny_model_dir)
+
+    assert not failed(result, ("all ", "every call", "health", "the server")), failed(result)
+    figures = result.figures
+    assert figures["long_prompt"]["prompt_tokens"] == 1000
+    assert figures["long_prompt"]["code"] == "OK"
+    assert figures["short_streams"]["streaming_when_the_long_prompt_was_sent"] == 7
+    assert figures["memory"]["peak_rss_mib"] > figures["memory"]["idle_rss_mib"] > 0
+    assert figures["health"]["polls"] >= 1
 
 
 def test_results_are_written_with_a_verdict_per_scenario(
