@@ -170,3 +170,17 @@ def test_a_cpu_without_vnni_is_sent_to_the_fallback(tmp_path: Path) -> None:
         "avx512vl",
         "avx512_vnni",
     ]
+
+
+@pytest.mark.skipif(
+    not kernels.native_available(), reason=f"native path off: {kernels.kernel_path()}"
+)
+def test_a_built_library_loads_where_no_compiler_is_installed() -> None:
+    """A runtime image has no compiler: it must load what the builder stage compiled."""
+    script = "from qwen_grpc.engine import kernels\nprint(kernels.kernel_path())\n"
+    env = {**os.environ, "CXX": "no-such-compiler", "PATH": str(Path(sys.executable).parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "native AVX512-VNNI extension (prebuilt in" in done.stdout

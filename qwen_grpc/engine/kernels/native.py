@@ -132,12 +132,29 @@ def _choose() -> KernelChoice:
         choice = KernelChoice(False, f"unknown {FORCE_ENV}={forced!r}, expected auto or torch")
     elif missing := missing_cpu_features(cpu_flags()):
         choice = KernelChoice(False, f"CPU lacks {', '.join(missing)}")
+    elif _prebuilt().exists():
+        choice = _try_load_prebuilt()
     elif problem := _compiler_missing():
         choice = KernelChoice(False, problem)
     else:
         choice = _try_build()
     _LOGGER.info("%s", choice.description)
     return choice
+
+
+def _prebuilt() -> Path:
+    """The library a build of these very sources left, e.g. by ``make install`` or an image's
+    builder stage: a runtime image without a compiler loads it as it is."""
+    return build_directory() / f"{_EXTENSION}.so"
+
+
+def _try_load_prebuilt() -> KernelChoice:
+    try:
+        torch.ops.load_library(str(_prebuilt()))
+    except Exception as error:  # a broken file must leave the portable path working
+        _LOGGER.warning("q8 native library did not load: %s", error)
+        return KernelChoice(False, f"prebuilt library failed to load: {type(error).__name__}")
+    return KernelChoice(True, f"prebuilt in {build_directory()}")
 
 
 def _try_build() -> KernelChoice:
