@@ -129,6 +129,17 @@ def _build(model: PreTrainedModel, precision: str, copy: bool = True) -> tuple[D
     return decoder, weights.head
 
 
+# bf16 and int8 are made from bf16 weights; auto needs float32's as its reference; q8
+# quantizes the checkpoint's own values without a float32 copy of a bf16 checkpoint.
+_LOAD_DTYPES: dict[str, torch.dtype | str] = {
+    "auto": torch.float32,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.bfloat16,
+    "q8": "auto",
+}
+
+
 def _loaded(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -162,10 +173,7 @@ def load_model(path: Path, dtype: str, threads: int) -> LoadedModel:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
         generation_config = GenerationConfig()
-    # bf16 and int8 are made from bf16 weights; auto needs float32's as its reference, and q8
-    # quantizes blocks of the checkpoint's own values.
-    load_dtype = torch.bfloat16 if dtype in ("bfloat16", "int8") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_LOAD_DTYPES[dtype])
 
     loaded = functools.partial(_loaded, model, tokenizer, generation_config)
     cpu = cpu_info()
