@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
+from harness.steps import StepGate
 from qwen_grpc.engine import scheduler
 from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError
 from qwen_grpc.engine.errors import GenerationFailedError, OverloadedError
@@ -96,6 +97,17 @@ def collect(handle: RequestHandle) -> tuple[str, Completed]:
     raise AssertionError("stream ended without Completed")
 
 
+class DecodeBatchSizes:
+    """Records the batch size of every decode step (a :class:`StepObserver`)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_step(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
+        if kind == "decode":
+            self.sizes.append(batch_size)
+
+
 def test_batched_greedy_matches_generate_alone_whatever_joins_when(
     engine: Engine, tiny_model: LoadedModel, transformers_model: PreTrainedModel
 ) -> None:
@@ -104,15 +116,20 @@ def test_batched_greedy_matches_generate_alone_whatever_joins_when(
         reference_generate(transformers_model, tiny_model, encode(engine, p), n)
         for p, n in zip(PROMPTS, lengths, strict=True)
     ]
+    batches = DecodeBatchSizes()
+    engine.observer = batches
     handles = []
-    for index, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
-        params = SamplingParams(max_new_tokens=length, greedy=True)
-        handles.append(
-            engine.submit(GenerationRequest(f"r{index}", encode(engine, prompt), params))
-        )
-        time.sleep(0.02 * index)
-    texts = [collect(h)[0] for h in handles]
+    with StepGate(engine) as gate:
+        for index, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+            # Each request joins a batch that has decoded 5 more steps than the last one saw.
+            assert gate.wait_for(lambda index=index: gate.decode_steps >= 5 * index)
+            params = SamplingParams(max_new_tokens=length, greedy=True)
+            handles.append(
+                engine.submit(GenerationRequest(f"r{index}", encode(engine, prompt), params))
+            )
+        texts = [collect(h)[0] for h in handles]
     assert texts == expected
+    assert batches.sizes[0] == 1 and max(batches.sizes) == 4, batches.sizes
     assert wait_until_idle(engine)
 
 
@@ -332,23 +349,25 @@ def test_detokenizing_does_not_wait_for_a_huge_prompt_being_tokenized(
 ) -> None:
     tokenizer = SharedTokenizer(tiny_model.tokenizer)
     huge = [ChatMessage(Role.USER, "word " * 400_000)]
-    encoding_took: list[float] = []
+    encoding, encoded = threading.Event(), threading.Event()
 
     def tokenize() -> None:
-        started = time.perf_counter()
+        encoding.set()
         tokenizer.encode_chat(huge)
-        encoding_took.append(time.perf_counter() - started)
+        encoded.set()
 
     tokenizing = threading.Thread(target=tokenize)
     tokenizing.start()
-    time.sleep(0.05)
-    started = time.perf_counter()
-    texts = {tokenizer.decode([100, 200, 300]) for _ in range(20)}
-    decoding_took = time.perf_counter() - started
+    assert encoding.wait(timeout=10)
+    texts: set[str] = set()
+    decodes_while_encoding = 0
+    while not encoded.is_set() and decodes_while_encoding < 50:
+        texts.add(tokenizer.decode([100, 200, 300]))
+        decodes_while_encoding += not encoded.is_set()
     tokenizing.join()
-    assert encoding_took, "tokenizing the 2 MB prompt failed"
-    # Same run, so a ratio: a lock would make the decodes wait out most of the encoding.
-    assert decoding_took < encoding_took[0] / 4, (decoding_took, encoding_took)
+    assert encoded.is_set(), "tokenizing the 2 MB prompt failed"
+    # Counted, not timed: behind a lock, the second decode would wait out the whole encoding.
+    assert decodes_while_encoding == 50
     assert len(texts) == 1
 
 
