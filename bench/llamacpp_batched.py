@@ -115,6 +115,7 @@ def measure_batched(
         "gguf": str(gguf_path),
         "n_threads": n_threads,
         "sequences": sequences,
+        "kv_unified": bool(params.kv_unified),
         "prompt_tokens": [len(prompt) for prompt in prompts],
         "max_new_tokens": max_new_tokens,
         "aggregate_decode_tok_s": round(statistics.median(rates), 3),
