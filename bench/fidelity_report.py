@@ -54,15 +54,18 @@ def render_fidelity(fidelity: dict[str, Any]) -> list[str]:
     lines += ["", "| ratio | measured |", "|---|---|"]
     for key, value in fidelity["ratios"].items():
         lines.append(f"| `{key}`: {RATIO_LABELS[key]} | {_ratio(value)} |")
-    build = fidelity.get("llamacpp_build", {})
-    lines += ["", "llama.cpp build:"]
-    if "error" in build:
-        lines.append(f"unknown ({build['error']})")
-    else:
-        lines += [
-            f"* CMake options: `{build['cmake_args']}` ({build['cmake_args_source']})",
-            f"* system info: `{build['system_info']}`",
-            f"* **{build['amx_note']}**",
-        ]
+    lines += ["", *build_lines(fidelity.get("llamacpp_build", {}))]
     lines.append("")
     return lines
+
+
+def build_lines(build: dict[str, Any]) -> list[str]:
+    """llama.cpp's build options, compiled-in CPU features and AMX state (``llamacpp_build``)."""
+    if "error" in build:
+        return [f"llama.cpp build: unknown ({build['error']})"]
+    return [
+        "llama.cpp build:",
+        f"* CMake options: `{build['cmake_args']}` ({build['cmake_args_source']})",
+        f"* system info: `{build['system_info']}`",
+        f"* **{build['amx_note']}**",
+    ]

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench.fidelity_report import render_fidelity
+from bench.fidelity_report import build_lines, render_fidelity
 
 _LOGGER = logging.getLogger(__name__)
 _LABELS = {
@@ -145,8 +145,10 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def _batched_lines(results: dict[str, Any]) -> list[str]:
-    """llama.cpp's own batched decode, the anchor of ``aggregate8_vs_llamacpp_q8_batched8``."""
-    lines: list[str] = []
+    """llama.cpp's own batched decode, the anchor of ``aggregate8_vs_llamacpp_q8_batched8``,
+    and how the llama.cpp that ran was built."""
+    build = results.get("llamacpp", {}).get("build")
+    lines: list[str] = [*build_lines(build), ""] if build else []
     for key, run in results.get("llamacpp", {}).items():
         if not key.startswith("q8_0_batched"):
             continue

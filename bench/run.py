@@ -3,8 +3,9 @@
 Steps: build (or reuse) the Qwen-shaped random-weight model; for each precision mode start the
 real server and drive it over gRPC, then time the engine in process on the same weights; time
 transformers eager ``generate`` in float32 (the seed's way); convert the weights to GGUF bf16 and
-Q8_0 and time llama.cpp, single stream and its own batched decode of 8 sequences; measure
-next-token agreement with float32 on the demo model (``bench/fidelity.py``); compute the ratios; write ``bench/results/latest.{json,md,png}``.
+Q8_0 and time llama.cpp, single stream and its own batched decode of 8 sequences, recording how
+it was built; measure next-token agreement with float32 on the demo model (``bench/fidelity.py``);
+compute the ratios; write ``bench/results/latest.{json,md,png}``.
 Every baseline runs in its own process, one after another, so none competes for the two cores.
 A failing peer is recorded as an error and the run goes on.
 """
@@ -31,6 +32,7 @@ from bench.grpc_bench import LoadPlan, bench_server
 from bench.inprocess import engine_single_stream, transformers_eager
 from bench.isolate import run_isolated
 from bench.llamacpp_batched import measure_batched
+from bench.llamacpp_build import build_info
 from bench.machine import cpu_pressure, load_average, machine_info
 from bench.prompts import BenchPrompt, build_prompts
 from bench.quiet import Quiet, cpu_stall_us
@@ -237,7 +239,10 @@ def _llamacpp(
         message = "llama-cpp-python is not installed (pip install -e '.[bench]')"
         _LOGGER.warning("%s; skipping llama.cpp", message)
         return {"error": message}
-    results: dict[str, Any] = {"version": version}
+    results: dict[str, Any] = {
+        "version": version,
+        "build": _guarded("llama.cpp build info", functools.partial(run_isolated, build_info)),
+    }
     models = args.cache_dir / "bench-models"
     for outtype in ("bf16", "q8_0"):
 
