@@ -63,9 +63,10 @@ def build_lines(build: dict[str, Any]) -> list[str]:
     """llama.cpp's build options, compiled-in CPU features and AMX state (``llamacpp_build``)."""
     if "error" in build:
         return [f"llama.cpp build: unknown ({build['error']})"]
+    options = "unknown" if build["cmake_args"] is None else f"`{build['cmake_args']}`"
     return [
         "llama.cpp build:",
-        f"* CMake options: `{build['cmake_args']}` ({build['cmake_args_source']})",
+        f"* CMake options: {options} ({build['cmake_args_source']})",
         f"* system info: `{build['system_info']}`",
         f"* **{build['amx_note']}**",
     ]
