@@ -48,7 +48,9 @@ def measure_batched(
         raise RuntimeError(f"llama.cpp could not load {gguf_path}")
     params = lib.llama_context_default_params()
     params.n_seq_max = sequences
-    params.n_ctx = sequences * (max(len(prompt) for prompt in prompts) + max_new_tokens + 8)
+    # Each sequence gets n_ctx / n_seq_max cells, in llama.cpp's padding of 256.
+    per_sequence = -(-(max(len(prompt) for prompt in prompts) + max_new_tokens + 8) // 256) * 256
+    params.n_ctx = sequences * per_sequence
     params.n_batch = params.n_ubatch = max(prefill_tokens, sequences)
     params.n_threads = params.n_threads_batch = n_threads
     ctx = lib.llama_init_from_model(model, params)
