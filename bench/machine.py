@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGES = ("torch", "transformers", "grpcio", "llama-cpp-python", "numpy")
-_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+_FLAGS_OF_INTEREST = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def _cpuinfo() -> tuple[str, list[str]]:

@@ -1,4 +1,4 @@
-"""The five headline ratios of issue 3 and whether each meets its target.
+"""The headline ratios (issue 3's five with their targets, issue 11's anchors) and verdicts.
 
 Each ratio is computed from measurements of the same run, so machine load that slows one engine
 slows its peers in the same hour; a missing measurement gives ``None`` rather than a guess.
@@ -14,7 +14,10 @@ RATIO_KEYS = (
     "aggregate8_vs_llamacpp_q8_single",
     "service_overhead",
     "peak_rss_gb",
+    "aggregate8_vs_llamacpp_q8_batched8",
 )
+FIDELITY_RATIO_KEYS = ("fidelity_bf16_vs_llamacpp_bf16", "fidelity_vs_llamacpp_q8")
+NO_Q8_MODE = "not measured: no q8 mode yet"
 TARGETS: dict[str, tuple[str, float]] = {
     "single_stream_vs_llamacpp_q8": (">=", 1.2),
     "ttft_vs_llamacpp_q8_prefill": ("<=", 0.5),
@@ -41,8 +44,11 @@ def compute_ratios(
     grpc_run: dict[str, Any] | None,
     engine_run: dict[str, Any] | None,
     llamacpp_q8: dict[str, Any] | None,
+    llamacpp_q8_batched8: dict[str, Any] | None = None,
 ) -> dict[str, float | None]:
-    """The ratios of one precision mode's gRPC run against its peers, keys as issue 3 names them."""
+    """The ratios of one precision mode's gRPC run against its peers, keys as the issues name
+    them. ``aggregate8_vs_llamacpp_q8_batched8`` sets our 8 streams against llama.cpp's own
+    batched decode of 8 sequences, the fair anchor for batching (the ``_single`` one is not)."""
     grpc_run = grpc_run or {}
     single = _level(grpc_run, 1) or {}
     eight = _level(grpc_run, 8) or {}
@@ -63,6 +69,33 @@ def compute_ratios(
         ),
         "service_overhead": overhead,
         "peak_rss_gb": None if peak is None else round(peak / 1e9, 3),
+        "aggregate8_vs_llamacpp_q8_batched8": _div(
+            eight.get("aggregate_decode_tok_s"),
+            (llamacpp_q8_batched8 or {}).get("aggregate_decode_tok_s"),
+        ),
+    }
+
+
+def _pooled(engines: dict[str, dict[str, Any]], name: str) -> float | None:
+    return (engines.get(name) or {}).get("pooled", {}).get("agreement")
+
+
+def fidelity_ratios(engines: dict[str, dict[str, Any]]) -> dict[str, float | str | None]:
+    """Our pooled next-token agreement with float32 over llama.cpp's at the same bit width.
+
+    ``engines`` is the fidelity section's per-engine results (see ``bench/fidelity.py``). The
+    q8 ratio needs a ``q8`` precision mode; without one it says so rather than compare int8.
+    """
+    from qwen_grpc.engine.precision import PRECISIONS
+
+    q8: float | str | None = NO_Q8_MODE
+    if "q8" in PRECISIONS:
+        q8 = _div(_pooled(engines, "q8"), _pooled(engines, "llamacpp_q8_0"))
+    return {
+        "fidelity_bf16_vs_llamacpp_bf16": _div(
+            _pooled(engines, "bfloat16"), _pooled(engines, "llamacpp_bf16")
+        ),
+        "fidelity_vs_llamacpp_q8": q8,
     }
 
 

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bench.fidelity_report import build_lines, render_fidelity
+
 _LOGGER = logging.getLogger(__name__)
 _LABELS = {
     "single_stream_vs_llamacpp_q8": "gRPC single-stream decode ÷ llama.cpp Q8_0 decode",
@@ -18,6 +20,9 @@ _LABELS = {
     "aggregate8_vs_llamacpp_q8_single": "gRPC aggregate decode, 8 streams ÷ llama.cpp Q8_0 1 stream",
     "service_overhead": "1 − gRPC single-stream ÷ engine in-process single-stream",
     "peak_rss_gb": "server peak RSS, 8 streams × 512 tokens (GB = 10⁹ B)",
+    "aggregate8_vs_llamacpp_q8_batched8": (
+        "gRPC aggregate decode, 8 streams ÷ llama.cpp Q8_0 batched decode of 8 sequences"
+    ),
 }
 
 
@@ -69,6 +74,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| `{key}`: {_LABELS[key]} | {_fmt(verdict['value'], 3)} | {verdict['target']} "
             f"| {_verdict(verdict['met'])} |"
         )
+    untargeted = [key for key in results["ratios"] if key not in results["targets"]]
+    if untargeted:
+        lines += ["", "Anchors without a target:", "", "| ratio | measured |", "|---|---|"]
+        for key in untargeted:
+            lines.append(f"| `{key}`: {_LABELS[key]} | {_fmt(results['ratios'][key], 3)} |")
     for dtype, run in results["grpc"].items():
         lines += [
             "",
@@ -118,6 +128,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
+        *_batched_lines(results),
         "Per-stream decode tok/s = (completion tokens − 1) ÷ (last token − first token), timed by "
         "the caller. Aggregate decode tok/s = all decode tokens ÷ the time any stream was "
         "decoding; end-to-end tok/s = all completion tokens ÷ the level's wall time (prefill and "
@@ -128,8 +139,41 @@ def render_markdown(results: dict[str, Any]) -> str:
         "(Linux PSI): our own server and client cause some; much more means other load "
         "distorted that level.",
         "",
+        *_fidelity_lines(results),
     ]
     return "\n".join(lines)
+
+
+def _batched_lines(results: dict[str, Any]) -> list[str]:
+    """llama.cpp's own batched decode, the anchor of ``aggregate8_vs_llamacpp_q8_batched8``,
+    and how the llama.cpp that ran was built."""
+    build = results.get("llamacpp", {}).get("build")
+    lines: list[str] = [*build_lines(build), ""] if build else []
+    for key, run in results.get("llamacpp", {}).items():
+        if not key.startswith("q8_0_batched"):
+            continue
+        if "error" in run:
+            lines += [f"llama.cpp Q8_0 batched: failed: {run['error']}", ""]
+            continue
+        lines += [
+            f"llama.cpp Q8_0, its own batched decode of {run['sequences']} sequences in one "
+            f"`llama_decode` per step ({run['n_threads']} threads, prompts of "
+            f"{max(run['prompt_tokens'])} tokens, {run['max_new_tokens']} new tokens each): "
+            f"aggregate decode {_fmt(run['aggregate_decode_tok_s'])} tok/s (runs: "
+            f"{', '.join(_fmt(rate) for rate in run['aggregate_decode_tok_s_runs'])}), "
+            f"batched prefill {_fmt(run['prefill_ms'])} ms{_stall_note(run)}.",
+            "",
+        ]
+    return lines
+
+
+def _fidelity_lines(results: dict[str, Any]) -> list[str]:
+    fidelity = results.get("fidelity")
+    if fidelity is None:
+        return []
+    if "error" in fidelity:
+        return ["## Fidelity", "", f"failed: {fidelity['error']}", ""]
+    return render_fidelity(fidelity)
 
 
 def _stall_note(run: dict[str, Any]) -> str:

@@ -3,7 +3,9 @@
 Steps: build (or reuse) the Qwen-shaped random-weight model; for each precision mode start the
 real server and drive it over gRPC, then time the engine in process on the same weights; time
 transformers eager ``generate`` in float32 (the seed's way); convert the weights to GGUF bf16 and
-Q8_0 and time llama.cpp; compute the ratios; write ``bench/results/latest.{json,md,png}``.
+Q8_0 and time llama.cpp, single stream and its own batched decode of 8 sequences, recording how
+it was built; measure next-token agreement with float32 on the demo model (``bench/fidelity.py``);
+compute the ratios; write ``bench/results/latest.{json,md,png}``.
 Every baseline runs in its own process, one after another, so none competes for the two cores.
 A failing peer is recorded as an error and the run goes on.
 """
@@ -25,9 +27,12 @@ from types import FrameType
 from typing import Any
 
 from bench import llamacpp
+from bench.fidelity import measure_fidelity
 from bench.grpc_bench import LoadPlan, bench_server
 from bench.inprocess import engine_single_stream, transformers_eager
 from bench.isolate import run_isolated
+from bench.llamacpp_batched import measure_batched
+from bench.llamacpp_build import build_info
 from bench.machine import cpu_pressure, load_average, machine_info
 from bench.prompts import BenchPrompt, build_prompts
 from bench.quiet import Quiet, cpu_stall_us
@@ -37,6 +42,7 @@ from bench.stats import summarize
 
 _LOGGER = logging.getLogger("bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BATCHED_SEQUENCES = 8
 DTYPES = ("float32", "bfloat16", "int8")
 
 
@@ -154,6 +160,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--skip-transformers", action="store_true", help="skip the transformers baseline")
     add("--skip-engine", action="store_true", help="skip the in-process engine baseline")
     add("--skip-llamacpp", action="store_true", help="skip llama.cpp")
+    add(
+        "--skip-fidelity",
+        action="store_true",
+        help="skip the next-token agreement section (demo model)",
+    )
     add("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -218,13 +229,20 @@ def _load_prompts(model_dir: Path, count: int, prompt_tokens: int) -> list[Bench
     return build_prompts(AutoTokenizer.from_pretrained(model_dir), count, prompt_tokens)
 
 
-def _llamacpp(args: argparse.Namespace, model_dir: Path, prompt: BenchPrompt) -> dict[str, Any]:
+def _llamacpp(
+    args: argparse.Namespace, model_dir: Path, prompts: Sequence[BenchPrompt]
+) -> dict[str, Any]:
+    """llama.cpp BF16 and Q8_0 single stream, then Q8_0 batched over the aggregate run's
+    first 8 prompts (``q8_0_batched8``), each in its own process."""
     version = llamacpp.installed_version()
     if version is None:
         message = "llama-cpp-python is not installed (pip install -e '.[bench]')"
         _LOGGER.warning("%s; skipping llama.cpp", message)
         return {"error": message}
-    results: dict[str, Any] = {"version": version}
+    results: dict[str, Any] = {
+        "version": version,
+        "build": _guarded("llama.cpp build info", functools.partial(run_isolated, build_info)),
+    }
     models = args.cache_dir / "bench-models"
     for outtype in ("bf16", "q8_0"):
 
@@ -233,7 +251,7 @@ def _llamacpp(args: argparse.Namespace, model_dir: Path, prompt: BenchPrompt) ->
             return _isolated_baseline(
                 llamacpp.measure,
                 path,
-                prompt.token_ids,
+                prompts[0].token_ids,
                 args.max_new_tokens,
                 args.baseline_repeats,
                 args.llamacpp_threads,
@@ -241,7 +259,30 @@ def _llamacpp(args: argparse.Namespace, model_dir: Path, prompt: BenchPrompt) ->
             )
 
         results[outtype] = _guarded(f"llama.cpp {outtype}", step)
+
+    def batched() -> dict[str, Any]:
+        return run_isolated(
+            measure_batched,
+            llamacpp.convert(model_dir, models, "q8_0", version),
+            [prompt.token_ids for prompt in prompts[:BATCHED_SEQUENCES]],
+            args.max_new_tokens,
+            args.baseline_repeats,
+            args.llamacpp_threads,
+            quiet=_quiet(args),
+        )
+
+    results[f"q8_0_batched{BATCHED_SEQUENCES}"] = _guarded(
+        f"llama.cpp q8_0 batched {BATCHED_SEQUENCES}", batched
+    )
     return results
+
+
+def _fidelity(args: argparse.Namespace) -> dict[str, Any]:
+    """Next-token agreement on the demo model (real weights), not the random benchmark model."""
+    from qwen_grpc.engine.sources import resolve_model
+
+    demo_dir = resolve_model("demo", None, args.cache_dir).path
+    return measure_fidelity(demo_dir, args.cache_dir / "bench-models", args.llamacpp_threads)
 
 
 def _merged_baselines(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -347,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cache_dir / "bench-models" / f"{args.shape}-random", args.cache_dir, args.shape
     )
     results["model"] = {"shape": args.shape, "dir": str(model_dir)}
-    prompts = _load_prompts(model_dir, max(*args.concurrency, args.rss_streams), args.prompt_tokens)
+    count = max(*args.concurrency, args.rss_streams, BATCHED_SEQUENCES)
+    prompts = _load_prompts(model_dir, count, args.prompt_tokens)
     results["prompts"] = {
         "count": len(prompts),
         "prompt_tokens": args.prompt_tokens,
@@ -383,12 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         }
     if not args.skip_llamacpp:
-        results["llamacpp"] = _llamacpp(args, model_dir, prompts[0])
+        results["llamacpp"] = _llamacpp(args, model_dir, prompts)
+    if not args.skip_fidelity:
+        results["fidelity"] = _guarded("fidelity", functools.partial(_fidelity, args))
     primary = results["primary_dtype"]
     results["ratios"] = compute_ratios(
         results["grpc"].get(primary),
         results["engine_inprocess"].get(primary),
         results.get("llamacpp", {}).get("q8_0"),
+        results.get("llamacpp", {}).get(f"q8_0_batched{BATCHED_SEQUENCES}"),
     )
     results["targets"] = check_targets(results["ratios"])
     results["machine"]["load_average_end"] = load_average()

