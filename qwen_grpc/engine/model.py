@@ -91,7 +91,7 @@ class LoadedModel:
         return self.head(hidden[:, -1, :])
 
     def _cache(self) -> BatchKVCache:
-        return BatchKVCache(self.num_layers, self.decoder.quantized_kv)
+        return BatchKVCache(self.num_layers, quantized=self.decoder.kv_dtype == torch.int8)
 
 
 def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> frozenset[int]:
@@ -124,7 +124,6 @@ def _build(model: PreTrainedModel, precision: str, copy: bool = True) -> tuple[D
         weights.embedding,
         weights.compute_dtype,
         weights.kv_dtype,
-        weights.quantized_kv,
     )
     return decoder, weights.head
 

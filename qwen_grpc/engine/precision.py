@@ -57,9 +57,7 @@ class PreparedWeights:
     compute_dtype: torch.dtype
     """What a linear reads as input."""
     kv_dtype: torch.dtype
-    """What attention multiplies in (and a plain KV cache stores)."""
-    quantized_kv: bool = False
-    """The KV cache stores int8 with a scale per token and head (q8)."""
+    """What the KV cache stores; ``torch.int8`` with a scale per token and head (q8)."""
 
 
 def _dense(copy: bool) -> LinearFactory:
@@ -117,9 +115,7 @@ def prepare_weights(
             raise ValueError("q8 needs a hidden size that is a multiple of 32")
         q8_table = quantize_q8(embedding_weight)
         q8_head = q8_table if tied else quantize_q8(head_weight)
-        return PreparedWeights(
-            _q8, Q8Table(q8_table), Q8Head(q8_head), torch.float32, torch.bfloat16, True
-        )
+        return PreparedWeights(_q8, Q8Table(q8_table), Q8Head(q8_head), torch.float32, torch.int8)
     if precision == "float32":
         dense = DenseTable(embedding_weight.float().clone() if copy else embedding_weight.float())
         head_dense = dense if tied else DenseTable(head_weight.float().clone())
