@@ -4,8 +4,10 @@
 o, fused gate_up and down, plus the 151936-row tied head) with random weights, distinct per
 layer so a pass streams ~0.5 GB (q8) or ~0.9 GB (bf16) from memory, as decode does, and times
 full passes over them for the native q8 kernel, its torch fallback (batch 1 at the largest
-thread count only: it is slow) and oneDNN's packed bf16 linear (what
-``fast_linear.PackedBf16Linear`` runs). GB/s counts the weight bytes a pass reads. Writes its
+thread count only: it is slow), oneDNN's packed bf16 linear (what
+``fast_linear.PackedBf16Linear`` runs: bf16 in and out) and the native bf16-weight linear with
+float32 activations and outputs (``bf16_fp32_out``, the same weight bytes as oneDNN's, computed
+in float32). GB/s counts the weight bytes a pass reads. Writes its
 keys of ``bench/results/kernels.json`` and ``kernels.md`` (see ``kernel_results``).
 """
 
@@ -23,7 +25,15 @@ import torch
 
 from bench.kernel_results import RESULTS, write_results
 from bench.machine import load_average, machine_info
-from qwen_grpc.engine.kernels import Q8Weight, kernel_path, native_available, quantize_q8, reference
+from qwen_grpc.engine.kernels import (
+    Bf16Weight,
+    Q8Weight,
+    kernel_path,
+    native_available,
+    pack_bf16,
+    quantize_q8,
+    reference,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ class Matrix:
     kind: str
     q8: Q8Weight
     bf16: torch.Tensor
+    bf16_fp32: Bf16Weight
     in_features: int
 
 
@@ -58,7 +69,7 @@ def build_matrices(seed: int) -> list[Matrix]:
     for kind, (n, k) in _shapes():
         weight = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        matrices.append(Matrix(kind, quantize_q8(weight), packed, k))
+        matrices.append(Matrix(kind, quantize_q8(weight), packed, pack_bf16(weight), k))
     return matrices
 
 
@@ -73,6 +84,10 @@ def _q8_fallback(m: Matrix) -> Linear:
 
 def _onednn_bf16(m: Matrix) -> Linear:
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, m.bf16, None, "none", [], "")
+
+
+def _bf16_fp32_out(m: Matrix) -> Linear:
+    return m.bf16_fp32.linear
 
 
 def _time_passes(
@@ -106,6 +121,8 @@ def _time_passes(
 def _bytes(matrices: list[Matrix], kernel: str) -> int:
     if kernel == "onednn_bf16":
         return sum(m.q8.out_features * m.in_features * 2 for m in matrices)
+    if kernel == "bf16_fp32_out":
+        return sum(m.bf16_fp32.nbytes for m in matrices)
     return sum(m.q8.nbytes for m in matrices)
 
 
@@ -121,6 +138,7 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
     kernels: dict[str, Callable[[Matrix], Linear]] = {"onednn_bf16": _onednn_bf16}
     if native_available():
         kernels["q8_native"] = _q8_native
+        kernels["bf16_fp32_out"] = _bf16_fp32_out
     kernels["q8_fallback"] = _q8_fallback
     rows = []
     for count, batch in ((t, b) for t in threads for b in batches):

@@ -13,21 +13,28 @@ One :class:`Q8Weight` can back both a tied LM head (:meth:`Q8Weight.linear`) and
 The int8 KV cache has its quantizer (:func:`quantize_kv`) and the decode attention that reads
 it (:func:`decode_attention`): ``kv.cpp`` natively, ``kv_layout.py`` and ``kv_reference.py``
 otherwise, built into the same extension under the same path decision.
+
+:class:`Bf16Weight` (:func:`pack_bf16`) keeps a weight in bf16, the bytes decode streams, but
+computes in float32: each weight converted exactly, float32 activations, accumulation and
+output. It is more faithful to a float32 model than bf16 activations and outputs (oneDNN's bf16
+path) at the same memory traffic: ``bf16.cpp`` natively, ``bf16_layout.py`` otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qwen_grpc.engine.kernels import kv_layout, kv_reference, layout, native, reference
+from qwen_grpc.engine.kernels import bf16_layout, kv_layout, kv_reference, layout, native, reference
 from qwen_grpc.engine.kernels.kv_layout import dequantize_kv
 
 __all__ = [
+    "Bf16Weight",
     "Q8Weight",
     "decode_attention",
     "dequantize_kv",
     "kernel_path",
     "native_available",
+    "pack_bf16",
     "quantize_kv",
     "quantize_q8",
 ]
@@ -102,6 +109,43 @@ def quantize_q8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q8Wei
     with torch.no_grad():
         packed, scales = layout.pack(weight.detach())
     return Q8Weight(packed, scales, weight.shape[0], bias)
+
+
+class Bf16Weight:
+    """A ``[out_features, in_features]`` bf16 weight in the tiled layout, with a float32 bias."""
+
+    def __init__(
+        self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+    ) -> None:
+        self.packed = packed
+        self.out_features = out_features
+        self.in_features = packed.shape[1] * 2
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matmul reads: two per weight (tile padding included)."""
+        return self.packed.nbytes
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` in float32 for ``x [..., in_features]`` (bf16 ``x`` is widened)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected in_features={self.in_features}, got {x.shape[-1]}")
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        if native_available():
+            out = torch.ops.qwen_q8.bf16_linear(flat, self.packed, self.bias, self.out_features)
+        else:
+            out = bf16_layout.linear(flat, self.packed, self.bias, self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_bf16(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Bf16Weight:
+    """A bf16/fp32 ``[N, K]`` weight (K a multiple of 16) rounded to bf16 and tiled."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        packed = bf16_layout.pack(weight.detach())
+    return Bf16Weight(packed, weight.shape[0], bias)
 
 
 def _native_head_dim(head_dim: int) -> bool:

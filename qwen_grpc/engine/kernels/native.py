@@ -4,9 +4,10 @@ The extension is compiled with ``torch.utils.cpp_extension.load`` into a directo
 sha256 of the source, the flags and the torch version, so a second process (or ``make install``
 having run ``python -m qwen_grpc.engine.kernels``) loads it without compiling. Its ops are
 registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows`` from ``q8.cpp``,
-``.decode_attention`` from ``kv.cpp``, one library built from both sources): the dispatcher
-checks the schema, and no pybind11 headers are compiled. ``at::parallel_for`` inside it runs on
-torch's own OpenMP pool, so ``torch.set_num_threads`` applies.
+``.decode_attention`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``, one library built
+from all three): the dispatcher checks the schema, and no pybind11 headers are compiled.
+``at::parallel_for`` inside it runs on torch's own OpenMP pool, so ``torch.set_num_threads``
+applies.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 _LOGGER = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp", "bf16.cpp"))
 _EXTENSION = "qwen_q8"
 _CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 # -fopenmp makes at::parallel_for's pragma real; the extension then links libgomp.so.1 by
