@@ -249,10 +249,12 @@ def build_decoder(
     embedding: nn.Module,
     compute_dtype: torch.dtype,
     kv_dtype: torch.dtype,
+    residual_linear: LinearFactory | None = None,
 ) -> Decoder:
     """Takes the weights out of a transformers Llama/Qwen2 model; ``linear`` picks the kernel,
     ``compute_dtype`` is what it expects as input, ``kv_dtype`` what the KV cache stores
-    (``torch.int8``: quantized with a scale per token and head).
+    (``torch.int8``: quantized with a scale per token and head), and ``residual_linear``, if
+    given, the kernel of the attention output and MLP down projections.
 
     Every projection is built from the model's weight as it is (fused with its siblings), so the
     caller can drop the transformers model afterwards.
@@ -270,7 +272,9 @@ def build_decoder(
     inv_freq = rotary.get_buffer("inv_freq")
     return Decoder(
         embedding=embedding,
-        layers=[_build_layer(block, linear) for block in blocks.children()],
+        layers=[
+            _build_layer(block, linear, residual_linear or linear) for block in blocks.children()
+        ],
         final_norm=_norm_weight(model, "model.norm"),
         rotary=Rotary(inv_freq, float(getattr(rotary, "attention_scaling", 1.0))),
         shape=shape,
@@ -280,7 +284,9 @@ def build_decoder(
     )
 
 
-def _build_layer(block: nn.Module, linear: LinearFactory) -> DecoderLayer:
+def _build_layer(
+    block: nn.Module, linear: LinearFactory, residual_linear: LinearFactory
+) -> DecoderLayer:
     projections = [_weight(block, f"self_attn.{name}_proj") for name in "qkv"]
     biases = [_bias(block, f"self_attn.{name}_proj") for name in "qkv"]
     qkv_bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
@@ -288,10 +294,12 @@ def _build_layer(block: nn.Module, linear: LinearFactory) -> DecoderLayer:
     return DecoderLayer(
         input_norm=_norm_weight(block, "input_layernorm"),
         qkv=linear(torch.cat(projections), qkv_bias),
-        output=linear(_weight(block, "self_attn.o_proj"), _bias(block, "self_attn.o_proj")),
+        output=residual_linear(
+            _weight(block, "self_attn.o_proj"), _bias(block, "self_attn.o_proj")
+        ),
         post_norm=_norm_weight(block, "post_attention_layernorm"),
         gate_up=linear(gate_up, None),
-        down=linear(_weight(block, "mlp.down_proj"), None),
+        down=residual_linear(_weight(block, "mlp.down_proj"), None),
     )
 
 

@@ -124,6 +124,7 @@ def _build(model: PreTrainedModel, precision: str, copy: bool = True) -> tuple[D
         weights.embedding,
         weights.compute_dtype,
         weights.kv_dtype,
+        weights.residual_linear,
     )
     return decoder, weights.head
 
