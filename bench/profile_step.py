@@ -37,15 +37,12 @@ def profile_decode(loaded: LoadedModel, batch: int, steps: int, top: int, skip: 
     KV cache, not the weights, may dominate a step.
     """
     prompts = build_prompts(loaded.tokenizer, batch, 64)
-    logits, cache, mask = loaded.prefill([list(p.token_ids) for p in prompts])
-    positions = torch.full((batch,), 64, dtype=torch.long)
-    tokens = logits.argmax(-1)
+    logits, cache, rows = loaded.prefill([list(p.token_ids) for p in prompts], 2 * steps + 3 + skip)
+    tokens = logits.argmax(-1).tolist()
 
     def step() -> None:
-        nonlocal mask, tokens, positions
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
-        tokens = loaded.decode(tokens, cache, mask, positions).argmax(-1)
-        positions = positions + 1
+        nonlocal tokens
+        tokens = loaded.decode(tokens, cache, rows).argmax(-1).tolist()
 
     for _ in range(3 + skip):  # warm-up, then move along the answer
         step()

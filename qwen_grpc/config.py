@@ -62,8 +62,15 @@ class Settings:
     max_prefill_tokens: int = field(
         default=4096,
         metadata={
-            "help": "padded prompt tokens in one prefill pass, which stalls every running "
-            "stream while it runs; a longer prompt runs alone"
+            "help": "prompt tokens in one forward pass while nothing decodes; longer prompts "
+            "prefill in several passes"
+        },
+    )
+    prefill_chunk_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "prompt tokens a forward pass takes beside the running streams' decode "
+            "tokens: how much longer their step gets while a prompt joins"
         },
     )
     default_max_new_tokens: int = field(

@@ -176,6 +176,7 @@ def scheduler_limits(settings: Settings) -> SchedulerLimits:
         max_queue=settings.max_queue,
         kv_cache_tokens=settings.kv_cache_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
 
 

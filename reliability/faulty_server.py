@@ -8,9 +8,9 @@ that could be switched on in production by mistake):
   samples its token number n + 1 (n = 0: during the prefill that admits it). The seed is the
   one field the engine hands to each sequence's sampler untouched, so the injector needs no
   view of prompts and no engine internals beyond the sampler class the scheduler instantiates;
-* a request whose seed is ``PREFILL_FAULT_SEED`` makes the model's batched prefill forward pass
-  raise when its prompt is in the batch (the engine is told at submit time which prompt it is);
-* ``--step-delay-seconds`` adds a sleep to every decode step, so streams stay in flight long
+* a request whose seed is ``PREFILL_FAULT_SEED`` makes the model's forward pass raise when a
+  chunk of its prompt is in it (the engine is told at submit time which prompt it is);
+* ``--step-delay-seconds`` adds a sleep to every forward pass, so streams stay in flight long
   enough to be cancelled, to expire or to be orphaned however fast the machine is.
 
 Every other flag is ``qwen-grpc serve``'s.
@@ -32,6 +32,7 @@ from qwen_grpc.engine import scheduler
 from qwen_grpc.engine.model import LoadedModel
 from qwen_grpc.engine.sampling import TokenSampler
 from qwen_grpc.engine.scheduler import Engine, RequestHandle
+from qwen_grpc.engine.step_plan import Segment, StepPlan
 from qwen_grpc.engine.types import GenerationRequest, SamplingParams
 from qwen_grpc.logs import configure_logging
 from qwen_grpc.server import serve
@@ -75,31 +76,32 @@ def _sampler(params: SamplingParams, prompt_ids: tuple[int, ...], vocab_size: in
 
 
 def install(step_delay_seconds: float) -> None:
-    """Patches the sampler, the prefill and the engine's intake; slows decode if asked."""
+    """Patches the sampler, the forward pass and the engine's intake; slows steps if asked."""
     scheduler.TokenSampler = _sampler  # type: ignore[misc,assignment]
     submit = Engine.submit
-    prefill = LoadedModel.prefill
+    step = LoadedModel.step
 
     def marking_submit(self: Engine, request: GenerationRequest) -> RequestHandle:
         if request.params.seed == PREFILL_FAULT_SEED:
             _poisoned_prompts.add(request.prompt_ids)
         return submit(self, request)
 
-    def failing_prefill(self: LoadedModel, prompts: list[list[int]], *args: Any) -> Any:
-        if any(tuple(prompt) in _poisoned_prompts for prompt in prompts):
+    def failing_step(self: LoadedModel, plan: StepPlan, *args: Any) -> torch.Tensor:
+        if any(_poisoned(segment) for segment in plan.segments):
             raise InjectedFault("injected fault in a prefill forward pass")
-        return prefill(self, prompts, *args)
+        if step_delay_seconds > 0:
+            time.sleep(step_delay_seconds)
+        return step(self, plan, *args)
 
     Engine.submit = marking_submit  # type: ignore[method-assign]
-    LoadedModel.prefill = failing_prefill  # type: ignore[method-assign,assignment]
-    if step_delay_seconds > 0:
-        decode = LoadedModel.decode
+    LoadedModel.step = failing_step  # type: ignore[method-assign]
 
-        def slow_decode(self: LoadedModel, *args: Any) -> torch.Tensor:
-            time.sleep(step_delay_seconds)
-            return decode(self, *args)
 
-        LoadedModel.decode = slow_decode  # type: ignore[method-assign,assignment]
+def _poisoned(segment: Segment) -> bool:
+    """A prompt chunk of a request marked to fail its prefill."""
+    start = segment.row.length
+    chunk = tuple(segment.tokens)
+    return any(prompt[start : start + len(chunk)] == chunk for prompt in _poisoned_prompts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -308,40 +308,53 @@ def test_every_precision_mode_serves_the_tiny_model(tiny_model_dir: Path, dtype:
     assert all(1 <= f.usage.completion_tokens <= 6 for f in finals)
 
 
-def test_a_prefill_pass_stays_within_its_token_budget(tiny_model: LoadedModel) -> None:
-    prefills: list[tuple[int, int]] = []
+def test_prompts_join_running_streams_in_chunks_of_the_step_budget(
+    tiny_model: LoadedModel,
+) -> None:
+    chunk = 8
+    prefills: list[int] = []
+    recording = threading.Event()
 
     class Recorder:
         def on_step(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
-            if kind == "prefill":
-                prefills.append((batch_size, tokens))
+            if kind == "prefill" and recording.is_set():
+                prefills.append(tokens)
 
     tokenizer = SharedTokenizer(tiny_model.tokenizer)
-    prompt = tuple(tokenizer.encode_chat([ChatMessage(Role.USER, "Tell me about the sea.")]))
-    budget = 2 * len(prompt) + 1
+    prompts = [
+        tuple(tokenizer.encode_chat([ChatMessage(Role.USER, text)]))
+        for text in ("Tell me about the sea and every fish that swims in it.", "Hi.", "Why?")
+    ]
+    alone = Engine(tiny_model, SchedulerLimits(), tokenizer)
+    alone.start()
+    try:
+        expected = [
+            collect(alone.submit(GenerationRequest(f"a{i}", p, SamplingParams(8, greedy=True))))
+            for i, p in enumerate(prompts)
+        ]
+    finally:
+        alone.stop()
     engine = Engine(
-        tiny_model, SchedulerLimits(max_prefill_tokens=budget), tokenizer, observer=Recorder()
+        tiny_model, SchedulerLimits(prefill_chunk_tokens=chunk), tokenizer, observer=Recorder()
     )
     engine.start()
     try:
         running = engine.submit(
-            GenerationRequest("running", prompt, SamplingParams(max_new_tokens=400, greedy=True))
+            GenerationRequest("running", prompts[1], SamplingParams(400, greedy=True))
         )
         next(iter(running))
-        # Queued within one decode step: without the budget they would prefill as one batch.
+        recording.set()
         joiners = [
-            engine.submit(
-                GenerationRequest(f"j{i}", prompt, SamplingParams(max_new_tokens=4, greedy=True))
-            )
-            for i in range(4)
+            engine.submit(GenerationRequest(f"j{i}", p, SamplingParams(8, greedy=True)))
+            for i, p in enumerate(prompts)
         ]
-        finals = [collect(handle)[1] for handle in joiners]
+        results = [collect(handle) for handle in joiners]
         running.cancel()
     finally:
         engine.stop()
-    assert all(final.usage.completion_tokens == 4 for final in finals)
-    assert sum(batch for batch, _ in prefills) == 5
-    assert all(tokens <= budget for _, tokens in prefills), prefills
+    assert results == expected
+    assert sum(prefills) == sum(len(p) for p in prompts)
+    assert max(prefills) <= chunk < len(prompts[0])
 
 
 def test_detokenizing_does_not_wait_for_a_huge_prompt_being_tokenized(

@@ -83,13 +83,13 @@ def test_watchdog_reports_not_serving_and_fails_calls_when_the_engine_breaks(
     assert engine is not None
     release = threading.Event()
 
-    def broken_decode(*_: object) -> object:
+    def broken_step(*_: object) -> object:
         if fault == "crash":
             raise SystemExit("injected crash of the engine thread")
         release.wait(30)
         raise RuntimeError("released")
 
-    engine.model.decode = broken_decode  # type: ignore[method-assign]
+    engine.model.step = broken_step  # type: ignore[method-assign]
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         list(running.stub.StreamChat(stream_request(50), timeout=20))

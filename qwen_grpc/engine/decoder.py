@@ -9,8 +9,12 @@ logits are bit-identical on the demo model). In a reduced precision it departs f
 transformers where transformers loses accuracy: the residual stream, the norms, the rotary
 embedding, the SiLU gate and the softmax stay float32, as in llama.cpp, and only a matmul's
 input is rounded. Adding residuals in bf16 flipped greedy answers of the demo model. The q/k/v
-and gate/up projections are fused into one matrix each, and nothing else runs per layer. The weights come from a loaded transformers model,
-which can then be released.
+and gate/up projections are fused into one matrix each, and nothing else runs per layer.
+
+A pass takes a flattened, ragged batch (``step_plan.py``): decode tokens of running sequences
+and chunks of prompts side by side, so every projection reads its weights once per step, and
+attention alone sorts tokens by sequence over the paged cache (``kv_cache.py``). The weights
+come from a loaded transformers model, which can then be released.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from torch import nn
 from torch.nn import functional
 from transformers import PreTrainedModel
 
-from qwen_grpc.engine.kernels import decode_attention
-from qwen_grpc.engine.kv_cache import BatchKVCache, LayerCache
+from qwen_grpc.engine.kernels import paged_decode_attention
+from qwen_grpc.engine.kv_cache import LayerPool, PagedKVCache
+from qwen_grpc.engine.step_plan import Chunk, StepPlan
 
 LinearFactory = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
 LayerCallback = Callable[[], None]
@@ -67,7 +72,7 @@ class Rotary:
         self._scaling = scaling
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[batch, 1, tokens, head_dim]`` for integer ``positions [batch, tokens]``."""
+        """cos and sin ``[tokens, 1, head_dim]`` (broadcast over heads) for ``positions [tokens]``."""
         angles = positions.unsqueeze(-1).float() * self._inv_freq
         doubled = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         return doubled.cos() * self._scaling, doubled.sin() * self._scaling
@@ -104,29 +109,20 @@ class Decoder:
         self._scale = 1.0 / math.sqrt(shape.head_dim)
 
     def __call__(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        key_mask: torch.Tensor,
-        cache: BatchKVCache,
-        on_layer: LayerCallback | None = None,
+        self, plan: StepPlan, cache: PagedKVCache, on_layer: LayerCallback | None = None
     ) -> torch.Tensor:
-        """Final hidden states ``[batch, tokens, hidden]``; ``on_layer`` runs after each layer
-        (the engine's watchdog tells a long prefill from a stuck one by it).
-
-        ``key_mask [batch, width]`` marks the real (1) and padding (0) columns of the cache as it
-        will be after this call, the new tokens being its last ``tokens`` columns.
+        """Final hidden states ``[len(plan.logits_index), hidden]`` of the tokens whose logits
+        are wanted; every token's keys and values are written to ``cache``. ``on_layer`` runs
+        after each layer (the engine's watchdog tells a long prefill from a stuck one by it).
         """
-        hidden = self.embedding(input_ids).float()
-        cos, sin = self.rotary.tables(positions)
-        tokens = input_ids.shape[1]
-        mask: torch.Tensor | None
-        if tokens == 1:
-            mask = _decode_bias(key_mask, cache.reserve(1))
-        else:
-            mask = _prefill_mask(key_mask, tokens)
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            hidden = hidden + self._attend(layer, layer_cache, hidden, cos, sin, mask)
+        hidden = self.embedding(plan.input_ids).float()
+        cos, sin = self.rotary.tables(plan.positions)
+        last = len(self.layers) - 1
+        for index, (layer, pool) in enumerate(zip(self.layers, cache.layers, strict=True)):
+            hidden = hidden + self._attend(layer, pool, plan, hidden, cos, sin)
+            if index == last:
+                # Only the wanted tokens go on: the other tokens' keys and values are written.
+                hidden = hidden[plan.logits_index]
             gate, up = (
                 layer.gate_up(self._norm(hidden, layer.post_norm).to(self.compute_dtype))
                 .float()
@@ -144,103 +140,97 @@ class Decoder:
     def _attend(
         self,
         layer: DecoderLayer,
-        layer_cache: LayerCache,
+        pool: LayerPool,
+        plan: StepPlan,
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        batch, tokens, _ = hidden.shape
+        tokens = hidden.shape[0]
         head_dim = self.shape.head_dim
         qkv = layer.qkv(self._norm(hidden, layer.input_norm).to(self.compute_dtype))
         queries, keys, values = (
-            part.view(batch, tokens, -1, head_dim).transpose(1, 2)
-            for part in qkv.split(self.shape.widths, dim=-1)
+            part.view(tokens, -1, head_dim) for part in qkv.split(self.shape.widths, dim=-1)
         )
         keys = _rotate(keys.float(), cos, sin)
         queries = _rotate(queries.float(), cos, sin)
         values = values.float()
-        if layer_cache.quantized:
-            layer_cache.append(keys, values)
+        pool.write(plan.slot_blocks, plan.slot_offsets, keys, values)
+        if plan.only_singles:
+            attended = self._attend_singles(queries, pool, plan)
         else:
-            layer_cache.append(keys.to(self.kv_dtype), values.to(self.kv_dtype))
-        if tokens == 1:
-            assert mask is not None, "a decode step always has its bias"
-            attended = self._attend_one(queries, layer_cache, mask)
-        else:
-            if layer_cache.width != tokens:
-                keys, values = (states.float() for states in layer_cache.states())
-            # float32, whatever the cache stores: more faithful, and on this project's CPUs
-            # torch's float32 SDPA was faster than its bf16 one (19 vs 31 ms a layer at 1,024
-            # tokens of the Qwen shape).
-            attended = functional.scaled_dot_product_attention(
-                queries,
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=self._scale,
-                enable_gqa=self.shape.kv_heads != self.shape.heads,
-            )
-        attended = attended.transpose(1, 2).reshape(batch, tokens, -1)
-        return layer.output(attended.to(self.compute_dtype))
+            attended = torch.empty_like(queries)
+            if plan.single_index.numel():
+                single = plan.single_index
+                attended[single] = self._attend_singles(queries[single], pool, plan)
+            for chunk in plan.chunks:
+                span = slice(chunk.start, chunk.start + chunk.count)
+                attended[span] = self._attend_chunk(
+                    queries[span], keys[span], values[span], pool, chunk
+                )
+        return layer.output(attended.reshape(tokens, -1).to(self.compute_dtype))
 
-    def _attend_one(
-        self, queries: torch.Tensor, layer_cache: LayerCache, bias: torch.Tensor
+    def _attend_singles(
+        self, queries: torch.Tensor, pool: LayerPool, plan: StepPlan
     ) -> torch.Tensor:
-        """Attention for one new float32 query per row over the whole buffers, spare columns
-        masked by ``bias``.
+        """One query per row over its blocks, the new token included: the paged decode kernel
+        reads each row's own length (int8 or float pools), scores and softmax in float32."""
+        keys, key_scales, values, value_scales = _pool_operands(pool)
+        return paged_decode_attention(
+            queries,
+            keys,
+            key_scales,
+            values,
+            value_scales,
+            plan.single_table,
+            plan.single_lengths,
+            self._scale,
+        )
 
-        An int8 cache goes to the native kernel, which reads half of bf16's bytes. A plain
-        cache takes two batched matmuls: torch's CPU SDPA kernel is built for long queries, and
-        for a single query per row it took 0.4 ms per layer at batch 8 and 3.4 ms at 576
-        columns, against 0.09 and 0.4 ms this way. Scores and softmax are float32; query heads
-        sharing a key head are one matmul.
+    def _attend_chunk(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        pool: LayerPool,
+        chunk: Chunk,
+    ) -> torch.Tensor:
+        """A chunk's queries ``[count, heads, head_dim]`` over the row's earlier tokens (read back
+        from the cache) and the chunk's own float32 keys, causally.
+
+        float32 whatever the cache stores: more faithful, and on this project's CPUs torch's
+        float32 SDPA was faster than its bf16 one (19 vs 31 ms a layer at 1,024 tokens of the
+        Qwen shape). A whole prompt in one chunk therefore attends exactly as an unchunked
+        prefill did.
         """
-        batch, heads, _, head_dim = queries.shape
-        if layer_cache.quantized:
-            keys, key_scales, values, value_scales = layer_cache.buffers()
-            attended = decode_attention(
-                queries.view(batch, heads, head_dim),
-                keys,
-                key_scales,
-                values,
-                value_scales,
-                bias.reshape(batch, -1),
-                self._scale,
-            )
-            return attended.view(batch, heads, 1, head_dim)
-        keys, values = layer_cache.buffers()
-        kv_heads = keys.shape[1]
-        grouped = queries.to(keys.dtype).view(batch, kv_heads, heads // kv_heads, head_dim)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self._scale + bias
-        probabilities = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probabilities, values).view(batch, heads, 1, head_dim)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+        mask: torch.Tensor | None = None
+        if chunk.position:
+            past_keys, past_values = pool.history(chunk.blocks, chunk.position)
+            keys = torch.cat([past_keys, keys], dim=1)
+            values = torch.cat([past_values, values], dim=1)
+            query_positions = torch.arange(chunk.position, chunk.position + chunk.count)
+            mask = torch.arange(keys.shape[1]) <= query_positions.unsqueeze(-1)
+        attended = functional.scaled_dot_product_attention(
+            queries.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self._scale,
+            enable_gqa=self.shape.kv_heads != self.shape.heads,
+        )
+        return attended[0].transpose(0, 1)
 
 
-def _decode_bias(key_mask: torch.Tensor, capacity: int) -> torch.Tensor:
-    """An additive mask ``[batch, 1, 1, capacity]`` hiding padding and not yet written columns."""
-    bias = torch.full((key_mask.shape[0], capacity), float("-inf"))
-    bias[:, : key_mask.shape[1]].masked_fill_(key_mask.bool(), 0.0)
-    return bias[:, None, None, :]
-
-
-def _prefill_mask(key_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
-    """The boolean mask ``[batch, 1, tokens, width]``, or None where plain causal suffices.
-
-    A query may see real keys up to its own column. Padding queries (left of a short prompt)
-    see themselves, so no softmax row is empty: an all-masked row is NaN in SDPA, and NaN keys
-    and values would poison every later step through the cache.
-    """
-    width = key_mask.shape[1]
-    if bool(key_mask.all()) and width == tokens:
-        return None
-    query_columns = torch.arange(width - tokens, width).unsqueeze(-1)
-    key_columns = torch.arange(width)
-    causal = key_columns <= query_columns
-    allowed = causal & key_mask.bool()[:, None, :]
-    allowed |= key_columns == query_columns
-    return allowed.unsqueeze(1)
+def _pool_operands(
+    pool: LayerPool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    parts = pool.parts()
+    if pool.quantized:
+        keys, key_scales, values, value_scales = parts
+        return keys, key_scales, values, value_scales
+    return parts[0], None, parts[1], None
 
 
 def build_decoder(

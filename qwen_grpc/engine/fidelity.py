@@ -46,8 +46,7 @@ def greedy_answers(
     model: LoadedModel, prompts: Sequence[Sequence[int]], tokens: int
 ) -> list[list[int]]:
     """Each prompt's first ``tokens`` greedy tokens (fewer where a stop token ends it), batched."""
-    logits, cache, mask = model.prefill([list(prompt) for prompt in prompts])
-    positions = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
+    logits, cache, rows = model.prefill([list(prompt) for prompt in prompts], tokens)
     answers: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(tokens):
@@ -58,9 +57,7 @@ def greedy_answers(
                 done[row] = token in model.stop_token_ids
         if all(done) or step == tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
-        logits = model.decode(chosen, cache, mask, positions)
-        positions += 1
+        logits = model.decode(chosen.tolist(), cache, rows)
     return answers
 
 

@@ -1,160 +1,158 @@
-"""A KV cache for a batch whose rows come and go between decode steps.
+"""A paged KV cache: every sequence holds the blocks its real length needs, nothing more.
 
-Rows are right-aligned: every row writes its next token into the same column, and a row that
-joined with a shorter history is padded on the left (masked out). That keeps one dense tensor
-per layer, so a decode step is a single forward pass over the whole batch. Joining and leaving
-cost one copy of the cache; a decode step appends in place into spare capacity instead of
-concatenating (which would copy the whole cache every token). Every reallocation hands the
-freed buffers' pages back to the OS (see ``memory.py``), so RSS follows the batch down too.
+Each layer keeps one pool of fixed-size blocks ``[blocks, kv_heads, BLOCK_TOKENS, head_dim]``
+for keys and one for values. A sequence (:class:`KVRow`) owns a list of block ids, its block
+table, and writes token ``t`` into block ``blocks[t // BLOCK_TOKENS]`` at offset
+``t % BLOCK_TOKENS``. So joining, leaving and growing copy nothing: a join takes free blocks, a
+leave returns them, a growth takes one more. Memory and decode attention follow each row's own
+length instead of the widest row's, which the dense right-aligned cache this replaces padded
+every row to (one 4,000-token conversation among seven short ones made all eight 4,000 wide).
+
+Admission reserves a row's whole budget (prompt plus max_new_tokens, in blocks) up front, so a
+running sequence never finds the pool empty and nothing is ever preempted.
+
+The pools are allocated untouched (``torch.empty`` of an ``mmap``-served size), so resident
+memory grows with the highest block in use; free blocks are handed out lowest id first to keep
+that compact, and the pools are dropped whenever the cache empties, returning their pages.
 
 A quantized cache stores keys and values as int8 with one float32 scale per token and head
-(``kernels.quantize_kv``): half the bytes of bf16, read by ``kernels.decode_attention``.
+(``kernels.quantize_kv``): half the bytes of bf16, read by ``kernels.paged_decode_attention``.
 """
 
 from __future__ import annotations
+
+import heapq
+import math
 
 import torch
 
 from qwen_grpc.engine.kernels import dequantize_kv, quantize_kv
 from qwen_grpc.engine.memory import release_free_memory
 
-# Spare columns allocated each time a layer's buffer fills up: a larger step copies the cache
-# less often; a smaller one holds less unused memory and, since decode attention runs over the
-# whole buffer, wastes less attention on empty columns (8 rows x 24 layers x 32 columns of
-# Qwen1.5-0.5B keys and values are 25 MB in bf16).
-_GROWTH_COLUMNS = 32
-# Every stored tensor is [batch, kv_heads, columns, ...]: keys and values, and their scales.
-_COLUMNS = 2
+BLOCK_TOKENS = 32
+"""Tokens per block: a row wastes under one block, and a block of one kv head is 2 KB of int8
+(Qwen1.5-0.5B's head_dim of 64), long enough for the attention kernel's inner loop."""
 
 
-class LayerCache:
-    """One layer's keys and values ``[batch, kv_heads, width, head_dim]`` with spare columns.
+class KVRow:
+    """One sequence's place in the cache: its blocks, its filled length and its reservation."""
 
-    Plain: ``(keys, values)``. Quantized: ``(keys, key_scales, values, value_scales)``.
-    """
+    def __init__(self, reserved_blocks: int) -> None:
+        self.blocks: list[int] = []
+        self.length = 0
+        self.reserved_blocks = reserved_blocks
 
-    def __init__(self, quantized: bool) -> None:
-        self.quantized = quantized
+
+class LayerPool:
+    """One layer's block pools. Plain: ``(keys, values)``; quantized: ``(keys, key_scales,
+    values, value_scales)``, the scales ``[blocks, kv_heads, BLOCK_TOKENS]``."""
+
+    def __init__(self, blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self._shape = (blocks, kv_heads, BLOCK_TOKENS, head_dim)
+        self._dtype = dtype
         self._parts: tuple[torch.Tensor, ...] = ()
-        self._width = 0
 
     @property
-    def width(self) -> int:
-        return self._width
+    def quantized(self) -> bool:
+        return self._dtype == torch.int8
 
-    @property
-    def capacity(self) -> int:
-        return self._parts[0].shape[_COLUMNS] if self._parts else 0
-
-    def reserve(self, columns: int) -> None:
-        """Makes room for ``columns`` more without moving the filled ones again this step."""
-        if self._width + columns > self.capacity:
-            self._set(self._filled(), spare=columns)
-
-    def buffers(self) -> tuple[torch.Tensor, ...]:
-        """The whole contiguous buffers, spare columns (zeros) included.
-
-        Batched matmuls copy a column slice of a larger buffer into a contiguous tensor first;
-        at 8 rows x 500 columns that copy cost more than the attention itself.
-        """
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The pools, allocated on first use (untouched pages cost no memory)."""
         if not self._parts:
-            raise RuntimeError("the cache layer is empty")
+            values = torch.empty(self._shape, dtype=self._dtype)
+            if self.quantized:
+                scales = torch.empty(self._shape[:3], dtype=torch.float32)
+                self._parts = (values, scales, torch.empty_like(values), torch.empty_like(scales))
+            else:
+                self._parts = (values, torch.empty_like(values))
         return self._parts
 
-    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the filled columns (de-quantized to float32 if stored as int8)."""
-        parts = self._filled()
+    def release(self) -> None:
+        self._parts = ()
+
+    def write(
+        self, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Stores token ``i``'s ``keys[i], values[i] [kv_heads, head_dim]`` (float32) at
+        ``(blocks[i], offsets[i])``."""
         if self.quantized:
-            keys, key_scales, values, value_scales = parts
+            stored = (*quantize_kv(keys), *quantize_kv(values))
+        else:
+            stored = (keys.to(self._dtype), values.to(self._dtype))
+        for pool, part in zip(self.parts(), stored, strict=True):
+            pool[blocks, :, offsets] = part
+
+    def history(self, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's first ``length`` keys and values as float32 ``[kv_heads, length, head_dim]``."""
+        gathered = [_row_major(pool[blocks])[:, :length] for pool in self.parts()]
+        if self.quantized:
+            keys, key_scales, values, value_scales = gathered
             return dequantize_kv(keys, key_scales), dequantize_kv(values, value_scales)
-        return parts[0], parts[1]
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Writes the new columns (growing the buffers if they are full)."""
-        parts = (*quantize_kv(keys), *quantize_kv(values)) if self.quantized else (keys, values)
-        columns = keys.shape[_COLUMNS]
-        if not self._parts:
-            self._set(tuple(part.narrow(_COLUMNS, 0, 0) for part in parts), spare=columns)
-        self.reserve(columns)
-        for buffer, part in zip(self._parts, parts, strict=True):
-            buffer.narrow(_COLUMNS, self._width, columns).copy_(part)
-        self._width += columns
-
-    def _filled(self) -> tuple[torch.Tensor, ...]:
-        if not self._parts:
-            raise RuntimeError("the cache layer is empty")
-        return tuple(part.narrow(_COLUMNS, 0, self._width) for part in self._parts)
-
-    def _set(self, parts: tuple[torch.Tensor, ...], spare: int) -> None:
-        """Copies ``parts`` into fresh buffers with room for ``spare`` more columns.
-
-        Spare columns are zeros, not garbage: attention over the whole buffer masks them, and a
-        masked NaN would still turn the softmax-weighted sum into NaN.
-        """
-        width = parts[0].shape[_COLUMNS]
-        capacity = width + max(spare, _GROWTH_COLUMNS)
-        buffers = []
-        for part in parts:
-            shape = list(part.shape)
-            shape[_COLUMNS] = capacity
-            buffer = part.new_zeros(shape)
-            buffer.narrow(_COLUMNS, 0, width).copy_(part)
-            buffers.append(buffer)
-        self._parts = tuple(buffers)
-        self._width = width
-
-    def select_rows(self, rows: torch.Tensor, drop_left: int) -> None:
-        """Keeps ``rows`` and drops ``drop_left`` leading columns that are padding in all of them."""
-        width = self._width - drop_left
-        kept = tuple(part[rows].narrow(_COLUMNS, drop_left, width) for part in self._filled())
-        self._set(kept, spare=0)
-
-    def append_rows(self, other: LayerCache) -> None:
-        """Stacks another cache's rows under ours, left-padding whichever is shorter."""
-        width = max(self._width, other._width)
-        stacked = tuple(
-            torch.cat([_left_pad(mine, width), _left_pad(theirs, width)])
-            for mine, theirs in zip(self._filled(), other._filled(), strict=True)
-        )
-        self._set(stacked, spare=0)
+        return gathered[0].float(), gathered[1].float()
 
 
-def _left_pad(part: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - part.shape[_COLUMNS]
-    if missing == 0:
-        return part
-    shape = list(part.shape)
-    shape[_COLUMNS] = missing
-    return torch.cat([part.new_zeros(shape), part], dim=_COLUMNS)
+def _row_major(blocks: torch.Tensor) -> torch.Tensor:
+    """``[n, kv_heads, BLOCK_TOKENS, ...]`` to ``[kv_heads, n * BLOCK_TOKENS, ...]``."""
+    joined = blocks.transpose(0, 1)
+    return joined.reshape(joined.shape[0], -1, *joined.shape[3:])
 
 
-class BatchKVCache:
-    """The per-layer caches of one batch, with row-level join and leave."""
+class PagedKVCache:
+    """The block pools of every layer and the block allocator shared by them.
 
-    def __init__(self, num_layers: int, quantized: bool = False) -> None:
-        self.layers = [LayerCache(quantized) for _ in range(num_layers)]
+    A block id means the same slot in every layer's pool, so one table serves all layers.
+    """
+
+    def __init__(
+        self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, tokens: int
+    ) -> None:
+        self.total_blocks = max(1, math.ceil(tokens / BLOCK_TOKENS))
+        self.layers = [
+            LayerPool(self.total_blocks, kv_heads, head_dim, dtype) for _ in range(num_layers)
+        ]
+        self._free = list(range(self.total_blocks))
+        self._reserved = 0
+
+    @staticmethod
+    def blocks_for(tokens: int) -> int:
+        return math.ceil(tokens / BLOCK_TOKENS)
 
     @property
-    def width(self) -> int:
-        """Columns currently held (history of the longest row, padding included)."""
-        return self.layers[0].width
+    def reserved_blocks(self) -> int:
+        return self._reserved
 
-    def reserve(self, columns: int) -> int:
-        """Room for ``columns`` more in every layer; returns the (common) capacity."""
-        for layer in self.layers:
-            if layer.width + columns > layer.capacity:
-                layer.reserve(columns)
-                # Layer by layer: freed buffers would otherwise pile up to a whole cache copy.
-                release_free_memory()
-        return self.layers[0].capacity
+    def can_reserve(self, tokens: int) -> bool:
+        return self._reserved + self.blocks_for(tokens) <= self.total_blocks
 
-    def select_rows(self, rows: list[int], drop_left: int = 0) -> None:
-        index = torch.tensor(rows, dtype=torch.long)
-        for layer in self.layers:
-            layer.select_rows(index, drop_left)
-        release_free_memory()
+    def open_row(self, tokens: int) -> KVRow:
+        """A row with room for ``tokens`` reserved; raises if the pool cannot promise it."""
+        if not self.can_reserve(tokens):
+            raise MemoryError(f"the KV cache cannot reserve {tokens} more tokens")
+        row = KVRow(self.blocks_for(tokens))
+        self._reserved += row.reserved_blocks
+        return row
 
-    def append_rows(self, other: BatchKVCache) -> None:
-        for mine, theirs in zip(self.layers, other.layers, strict=True):
-            mine.append_rows(theirs)
-        release_free_memory()
+    def close_row(self, row: KVRow) -> None:
+        """Returns the row's blocks and reservation; dropping the pools once nothing is left."""
+        for block in row.blocks:
+            heapq.heappush(self._free, block)
+        self._reserved -= row.reserved_blocks
+        row.blocks, row.reserved_blocks, row.length = [], 0, 0
+        if self._reserved == 0:
+            for layer in self.layers:
+                layer.release()
+            release_free_memory()
+
+    def slots(self, row: KVRow, count: int) -> tuple[list[int], list[int]]:
+        """Blocks and offsets for the row's next ``count`` tokens, taking blocks as needed."""
+        end = row.length + count
+        needed = self.blocks_for(end)
+        if needed > row.reserved_blocks:
+            raise MemoryError(f"the row reserved {row.reserved_blocks} blocks and needs {needed}")
+        while len(row.blocks) < needed:
+            row.blocks.append(heapq.heappop(self._free))
+        positions = range(row.length, end)
+        return (
+            [row.blocks[t // BLOCK_TOKENS] for t in positions],
+            [t % BLOCK_TOKENS for t in positions],
+        )

@@ -20,10 +20,11 @@ from qwen_grpc.engine.cpu import cpu_info
 from qwen_grpc.engine.decoder import Decoder, LayerCallback, UnsupportedModelError, build_decoder
 from qwen_grpc.engine.fidelity import CALIBRATION_CHATS, PrecisionChoice, choose_precision
 from qwen_grpc.engine.head import LogitsHead
-from qwen_grpc.engine.kv_cache import BatchKVCache
+from qwen_grpc.engine.kv_cache import BLOCK_TOKENS, KVRow, PagedKVCache
 from qwen_grpc.engine.memory import map_large_blocks, release_free_memory
 from qwen_grpc.engine.precision import candidate_precisions, prepare_weights
 from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.step_plan import Segment, StepPlan, plan_step
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,53 +46,59 @@ class LoadedModel:
     def num_layers(self) -> int:
         return len(self.decoder.layers)
 
+    def new_cache(self, tokens: int) -> PagedKVCache:
+        """A cache for ``tokens`` keys and values per layer, stored as the precision prescribes."""
+        shape = self.decoder.shape
+        return PagedKVCache(
+            self.num_layers, shape.kv_heads, shape.head_dim, self.decoder.kv_dtype, tokens
+        )
+
     @torch.inference_mode()
+    def step(
+        self, plan: StepPlan, cache: PagedKVCache, on_layer: LayerCallback | None = None
+    ) -> torch.Tensor:
+        """One forward pass over a planned batch: float32 logits ``[wanted tokens, vocab]``.
+
+        The rows' lengths are the caller's to advance (:meth:`StepPlan.commit`) once it
+        succeeded; ``on_layer`` is called after every layer.
+        """
+        return self.head(self.decoder(plan, cache, on_layer))
+
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits ``[len, vocab]`` for every position, computed the way generation does.
 
         For quality checks: compare next-token choices across precisions.
         """
-        ids = torch.tensor([token_ids])
-        hidden = self.decoder(
-            ids, torch.arange(len(token_ids)).unsqueeze(0), torch.ones_like(ids), self._cache()
-        )
-        return self.head(hidden[0])
+        cache = self.new_cache(len(token_ids))
+        segment = Segment(cache.open_row(len(token_ids)), token_ids, logits_from=0)
+        return self.step(plan_step(cache, [segment]), cache)
 
-    @torch.inference_mode()
     def prefill(
-        self, prompts: list[list[int]], on_layer: LayerCallback | None = None
-    ) -> tuple[torch.Tensor, BatchKVCache, torch.Tensor]:
-        """Runs prompts left-padded in one pass; ``on_layer`` is called after every layer.
+        self, prompts: list[list[int]], max_new_tokens: int
+    ) -> tuple[torch.Tensor, PagedKVCache, list[KVRow]]:
+        """Prompts in one pass, with room for ``max_new_tokens`` each to decode after them.
 
-        Returns the last position's logits (float32, ``[batch, vocab]``), the filled cache and
-        the attention mask (``[batch, width]``) that the decode steps extend.
+        For checks and profiles that drive generation by hand; the engine plans its own steps.
+        Returns the next-token logits ``[len(prompts), vocab]``, the cache and its rows.
         """
-        width = max(len(p) for p in prompts)
-        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._cache()
-        hidden = self.decoder(input_ids, positions, mask, cache, on_layer)
-        return self.head(hidden[:, -1, :]), cache, mask
+        room = [len(p) + max_new_tokens for p in prompts]
+        cache = self.new_cache(sum(PagedKVCache.blocks_for(n) * BLOCK_TOKENS for n in room))
+        rows = [cache.open_row(n) for n in room]
+        plan = plan_step(
+            cache, [Segment.next_token(r, p) for r, p in zip(rows, prompts, strict=True)]
+        )
+        logits = self.step(plan, cache)
+        plan.commit()
+        return logits, cache, rows
 
-    @torch.inference_mode()
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        cache: BatchKVCache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        on_layer: LayerCallback | None = None,
-    ) -> torch.Tensor:
-        """One decode step for every row; ``mask`` already includes the new column."""
-        hidden = self.decoder(tokens.unsqueeze(-1), positions.unsqueeze(-1), mask, cache, on_layer)
-        return self.head(hidden[:, -1, :])
-
-    def _cache(self) -> BatchKVCache:
-        return BatchKVCache(self.num_layers, quantized=self.decoder.kv_dtype == torch.int8)
+    def decode(self, tokens: list[int], cache: PagedKVCache, rows: list[KVRow]) -> torch.Tensor:
+        """One decode step of every row after :meth:`prefill`: logits ``[len(rows), vocab]``."""
+        plan = plan_step(
+            cache, [Segment.next_token(r, [t]) for r, t in zip(rows, tokens, strict=True)]
+        )
+        logits = self.step(plan, cache)
+        plan.commit()
+        return logits
 
 
 def _stop_token_ids(tokenizer: PreTrainedTokenizerBase, config: GenerationConfig) -> frozenset[int]:

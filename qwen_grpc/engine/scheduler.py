@@ -1,20 +1,22 @@
 """The one thread that owns the model: admission, prefill, batched decode, stop and cancel.
 
-Requests join the running batch at step boundaries (continuous batching): their prompts are
-prefilled together, then they decode in the same forward pass as everyone else until they
-finish, are cancelled or pass their deadline, and leave the batch that very step.
+Requests join the running batch at step boundaries (continuous batching). Every step is one
+forward pass over the running sequences' next tokens and, beside them, chunks of the prompts
+being prefilled (chunked prefill), so a long prompt joining costs each running stream a slightly
+longer step instead of a stall of its whole prefill. A sequence leaves the batch the step it
+finishes, is cancelled or passes its deadline; the paged KV cache makes joins and leaves copy
+nothing.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,11 +31,11 @@ from qwen_grpc.engine.errors import (
     OverloadedError,
     UnavailableError,
 )
-from qwen_grpc.engine.kv_cache import BatchKVCache
-from qwen_grpc.engine.memory import release_free_memory
+from qwen_grpc.engine.kv_cache import KVRow
 from qwen_grpc.engine.model import LoadedModel
 from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.sampling import TokenSampler
+from qwen_grpc.engine.step_plan import Segment, plan_step
 from qwen_grpc.engine.text import IncrementalDetokenizer, StopSequenceMatcher
 from qwen_grpc.engine.types import (
     Completed,
@@ -61,11 +63,14 @@ class SchedulerLimits:
     max_batch_size: int = 8
     max_queue: int = 64
     kv_cache_tokens: int = 16384
-    """KV slots the batch may hold. The cache pads every row to the widest one, so a batch
-    costs rows x the widest row's prompt + max_new_tokens, not the sum of its rows."""
+    """KV slots the batch may hold: each row reserves its prompt plus max_new_tokens (rounded up
+    to whole cache blocks) when it joins."""
     max_prefill_tokens: int = 4096
-    """Rows times the longest prompt in one prefill pass. A prefill stalls every running
-    stream, and one of 16k fp32 tokens outlasts the watchdog; a longer prompt runs alone."""
+    """Prompt tokens in one forward pass while no sequence is decoding; longer prompts prefill
+    in several passes."""
+    prefill_chunk_tokens: int = 64
+    """Prompt tokens a forward pass takes beside running sequences' decode tokens: the longer
+    step every running stream sees while a prompt joins."""
 
 
 class RequestHandle:
@@ -116,10 +121,17 @@ class _Sequence:
     generated: int = 0
     last_token: int = 0
     finished: bool = field(default=False)
+    row: KVRow | None = None
+    prefilled: int = 0
+    """Prompt tokens already in the cache; the sequence decodes once all of them are."""
 
     @property
     def reserved_tokens(self) -> int:
         return len(self.request.prompt_ids) + self.max_new_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
 
     def dropped_reason(self, now: float) -> EngineError | None:
         if self.handle.cancelled:
@@ -149,10 +161,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._rows: list[_Sequence] = []
-        self._joining: list[_Sequence] = []
-        self._cache: BatchKVCache | None = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long)
-        self._positions = torch.zeros(0, dtype=torch.long)
+        """Admitted sequences, prefilling or decoding, oldest first."""
+        self._cache = model.new_cache(limits.kv_cache_tokens)
         self.last_progress = time.monotonic()
         # Every handle that may still need an answer, under a lock of its own that nobody
         # holds across work: the watchdog answers them when the engine thread is stuck, and
@@ -220,8 +230,8 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        """Requests wait, decode, or are being prefilled (off the queue, not yet in the batch)."""
-        return bool(self._pending or self._rows or self._joining)
+        """Requests wait, or are admitted (prefilling or decoding)."""
+        return bool(self._pending or self._rows)
 
     def abandon(self, error: EngineError) -> None:
         """Fails every queued and running request and refuses new ones.
@@ -255,41 +265,35 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            while True:
-                joiners = self._wait_for_work()
-                if joiners is None:
-                    break
+            while self._wait_for_work():
                 self.last_progress = time.monotonic()
-                if joiners:
-                    self._joining = joiners
-                    self._guarded(joiners, functools.partial(self._prefill, joiners), False)
-                    self._joining = []
                 if self._rows:
-                    self._guarded(list(self._rows), self._decode_step, True)
+                    self._step()
         except BaseException:
             _LOGGER.exception("the engine thread died")
         finally:
             self.abandon(UnavailableError("the engine stopped"))
             with self._cond:
                 self._pending.clear()
-            self._reset_batch()
+            self._drop_all_rows()
 
-    def _wait_for_work(self) -> list[_Sequence] | None:
-        """Blocks until there is something to do; ``None`` means stop.
+    def _wait_for_work(self) -> bool:
+        """Blocks until there is something to do and admits what fits; False means stop.
 
-        The lock guards the queue and flags only: rows leave the batch (a cache copy and a
-        trim) outside it, so ``submit`` never waits on the model's memory.
+        The lock guards the queue and flags only: rows leave the batch outside it, so
+        ``submit`` never waits on the model's memory.
         """
         with self._cond:
             while not self._stopping and not self._pending and not self._rows:
                 self._cond.wait()
             if self._stopping:
-                return None
+                return False
         now = time.monotonic()
         self._drop_rows_that_left(now)
         with self._cond:
             self._drop_pending_that_left(now)
-            return self._admit()
+            self._admit()
+        return True
 
     def _drop_pending_that_left(self, now: float) -> None:
         """Frees queue places of requests cancelled or expired while they waited."""
@@ -304,111 +308,86 @@ class Engine:
                 seq.handle.put(reason)
         self._pending = waiting
 
-    def _admit(self) -> list[_Sequence]:
-        """Takes queued requests, oldest first, while batch slots, the KV budget and the prefill
-        budget allow; the rest join at a later step boundary.
+    def _admit(self) -> None:
+        """Takes queued requests, oldest first, while batch slots and the KV budget allow; the
+        rest join at a later step boundary.
 
-        The KV budget counts what the padded layout allocates: every row as wide as the widest
-        row will grow (its prompt plus max_new_tokens). One long prompt among short streams
-        therefore waits for room instead of widening every row to its length.
+        Each row reserves its prompt plus max_new_tokens in cache blocks, real tokens with no
+        padding, so a running sequence never finds the cache full.
         """
-        rows = len(self._rows)
-        widest_row = max((seq.reserved_tokens for seq in self._rows), default=0)
-        admitted: list[_Sequence] = []
-        longest = 0
-        while self._pending and rows + len(admitted) < self.limits.max_batch_size:
+        while self._pending and len(self._rows) < self.limits.max_batch_size:
             candidate = self._pending[0]
-            widest = max(widest_row, candidate.reserved_tokens)
-            if widest * (rows + len(admitted) + 1) > self.limits.kv_cache_tokens:
-                break
-            prompt_width = max(longest, len(candidate.request.prompt_ids))
-            if admitted and prompt_width * (len(admitted) + 1) > self.limits.max_prefill_tokens:
+            if not self._cache.can_reserve(candidate.reserved_tokens):
                 break
             self._pending.popleft()
-            widest_row, longest = widest, prompt_width
-            admitted.append(candidate)
-        return admitted
+            candidate.row = self._cache.open_row(candidate.reserved_tokens)
+            self._rows.append(candidate)
 
-    def _guarded(
-        self, affected: list[_Sequence], step: Callable[[], None], batch_at_risk: bool
-    ) -> None:
-        """Runs a step; a failure fails only the sequences in it.
+    def _step(self) -> None:
+        """One forward pass: every decoding row's next token and the prompt chunks that fit.
 
-        A failed decode step leaves the batch's cache half-written, so the batch goes with it
-        (``batch_at_risk``); a failed prefill has touched only the joiners' own cache, and the
-        running batch carries on.
+        A failed pass leaves every row's cache as it was (lengths move only on success). If
+        prompt chunks were in it, the sequences being prefilled fail and the running ones carry
+        on: a new prompt is the likelier culprit, and if it was not, the next pass shows it. A
+        pass of decode tokens alone that fails takes its rows with it.
         """
+        decoding = [seq for seq in self._rows if seq.decoding]
+        chunks = self._prompt_chunks(
+            self.limits.prefill_chunk_tokens if decoding else self.limits.max_prefill_tokens
+        )
+        segments = [Segment.next_token(_row(seq), [seq.last_token]) for seq in decoding]
+        segments += [segment for _, segment in chunks]
+        started = time.perf_counter()
         try:
-            step()
+            plan = plan_step(self._cache, segments)
+            logits = self.model.step(plan, self._cache, self._mark_progress)
         except Exception:
+            affected = [seq for seq, _ in chunks] or decoding
             _LOGGER.exception(
                 "generation failed for requests %s",
                 ", ".join(seq.request.request_id for seq in affected),
             )
             for seq in affected:
-                if not seq.finished:
-                    seq.finished = True
-                    seq.handle.put(_failure(seq))
-            if batch_at_risk:
-                self._reset_batch()
-
-    def _observe(self, kind: str, batch_size: int, tokens: int, started: float) -> None:
-        if self.observer is not None:
-            self.observer.on_step(kind, batch_size, tokens, time.perf_counter() - started)
-
-    def _prefill(self, joiners: list[_Sequence]) -> None:
-        started = time.perf_counter()
-        prompts = [list(seq.request.prompt_ids) for seq in joiners]
-        logits, cache, mask = self.model.prefill(prompts, self._mark_progress)
-        self._observe("prefill", len(joiners), sum(len(p) for p in prompts), started)
-        for row, seq in enumerate(joiners):
-            self._accept_token_isolated(seq, logits[row])
-        survivors = [row for row, seq in enumerate(joiners) if not seq.finished]
-        if not survivors:
+                seq.finished = True
+                seq.handle.put(_failure(seq))
+            self._drop_rows_that_left(time.monotonic())
             return
-        kept = [joiners[row] for row in survivors]
-        if len(survivors) < len(joiners):
-            drop_left = _shared_left_padding(mask[survivors])
-            cache.select_rows(survivors, drop_left)
-            mask = mask[survivors, drop_left:]
-        positions = torch.tensor([len(seq.request.prompt_ids) for seq in kept], dtype=torch.long)
-        self._guarded(
-            self._rows + kept, functools.partial(self._merge, kept, cache, mask, positions), True
-        )
-
-    def _merge(
-        self,
-        kept: list[_Sequence],
-        cache: BatchKVCache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-    ) -> None:
-        """Adds prefilled sequences to the running batch (both caches, masks and positions)."""
-        if self._cache is None:
-            self._cache, self._mask, self._positions = cache, mask, positions
-        else:
-            self._cache.append_rows(cache)
-            width = max(self._mask.shape[1], mask.shape[1])
-            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
-            self._positions = torch.cat([self._positions, positions])
-        self._rows.extend(kept)
-
-    def _decode_step(self) -> None:
-        assert self._cache is not None
-        started = time.perf_counter()
-        tokens = torch.tensor([seq.last_token for seq in self._rows], dtype=torch.long)
-        self._mask = torch.cat(
-            [self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1
-        )
-        logits = self.model.decode(
-            tokens, self._cache, self._mask, self._positions, self._mark_progress
-        )
-        self._observe("decode", len(self._rows), len(self._rows), started)
-        self._positions += 1
-        for row, seq in enumerate(self._rows):
+        plan.commit()
+        prompt_tokens = sum(len(segment.tokens) for _, segment in chunks)
+        self._observe_step(len(decoding), prompt_tokens, started)
+        answering = decoding + [seq for seq, segment in chunks if _completes(seq, segment)]
+        for seq, segment in chunks:
+            seq.prefilled += len(segment.tokens)
+        for row, seq in enumerate(answering):
             self._accept_token_isolated(seq, logits[row])
         self.last_progress = time.monotonic()
         self._drop_rows_that_left(time.monotonic())
+
+    def _prompt_chunks(self, budget: int) -> list[tuple[_Sequence, Segment]]:
+        """The next pieces of the prompts being prefilled, oldest first, within ``budget``."""
+        chunks: list[tuple[_Sequence, Segment]] = []
+        for seq in self._rows:
+            if budget <= 0:
+                break
+            if seq.decoding:
+                continue
+            prompt = seq.request.prompt_ids
+            piece = prompt[seq.prefilled : seq.prefilled + budget]
+            budget -= len(piece)
+            done = seq.prefilled + len(piece) == len(prompt)
+            segment = Segment.next_token if done else Segment.inner
+            chunks.append((seq, segment(_row(seq), piece)))
+        return chunks
+
+    def _observe_step(self, decode_rows: int, prompt_tokens: int, started: float) -> None:
+        """Reports the pass as a decode step, a prefill, or both (one pass did both)."""
+        seconds = time.perf_counter() - started
+        if self.observer is None:
+            return
+        if decode_rows:
+            self.observer.on_step("decode", decode_rows, decode_rows, seconds)
+        if prompt_tokens:
+            self.observer.on_step("prefill", 1, prompt_tokens, seconds)
 
     def _accept_token_isolated(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """A failure in one sequence's sampling or text handling ends that sequence only."""
@@ -446,42 +425,33 @@ class Engine:
         seq.handle.put(Completed(reason, usage))
 
     def _drop_rows_that_left(self, now: float) -> None:
-        """Removes finished, cancelled and expired rows from the batch and its cache."""
-        keep: list[int] = []
-        for row, seq in enumerate(self._rows):
+        """Removes finished, cancelled and expired rows; their cache blocks go back to the pool."""
+        keep: list[_Sequence] = []
+        for seq in self._rows:
             reason = None if seq.finished else seq.dropped_reason(now)
             if reason is not None:
                 seq.handle.put(reason)
-            elif not seq.finished:
-                keep.append(row)
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._reset_batch()
-            return
-        assert self._cache is not None
-        drop_left = _shared_left_padding(self._mask[keep])
-        self._cache.select_rows(keep, drop_left)
-        self._mask = self._mask[keep, drop_left:]
-        self._positions = self._positions[keep]
-        self._rows = [self._rows[row] for row in keep]
+            if seq.finished or reason is not None:
+                self._cache.close_row(_row(seq))
+            else:
+                keep.append(seq)
+        self._rows = keep
 
-    def _reset_batch(self) -> None:
+    def _drop_all_rows(self) -> None:
+        for seq in self._rows:
+            self._cache.close_row(_row(seq))
         self._rows = []
-        self._cache = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long)
-        self._positions = torch.zeros(0, dtype=torch.long)
-        release_free_memory()
+
+
+def _row(seq: _Sequence) -> KVRow:
+    assert seq.row is not None, "an admitted sequence has a cache row"
+    return seq.row
+
+
+def _completes(seq: _Sequence, segment: Segment) -> bool:
+    """The chunk is the prompt's last: its pass yields the sequence's first token."""
+    return seq.prefilled + len(segment.tokens) == len(seq.request.prompt_ids)
 
 
 def _failure(seq: _Sequence) -> GenerationFailedError:
     return GenerationFailedError(f"generation failed (request id {seq.request.request_id})")
-
-
-def _shared_left_padding(mask: torch.Tensor) -> int:
-    """Leading columns that are padding in every row (rows are right-aligned)."""
-    return int(mask.shape[1] - mask.sum(dim=1).max())
-
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
