@@ -7,7 +7,6 @@ finish, are cancelled or pass their deadline, and leave the batch that very step
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import queue
@@ -20,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from qwen_grpc.engine.admission import FairQueue
 from qwen_grpc.engine.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -29,6 +29,7 @@ from qwen_grpc.engine.errors import (
     OverloadedError,
     UnavailableError,
 )
+from qwen_grpc.engine.estimate import FirstTokenEstimator, Work
 from qwen_grpc.engine.kv_cache import BatchKVCache
 from qwen_grpc.engine.memory import release_free_memory
 from qwen_grpc.engine.model import LoadedModel
@@ -60,6 +61,9 @@ class SchedulerLimits:
 
     max_batch_size: int = 8
     max_queue: int = 64
+    max_queue_per_client: int = 48
+    """Queued requests of one client (:attr:`GenerationRequest.client`), so that a heavy
+    caller cannot fill the whole queue and refuse everybody else."""
     kv_cache_tokens: int = 16384
     """KV slots the batch may hold. The cache pads every row to the widest one, so a batch
     costs rows x the widest row's prompt + max_new_tokens, not the sum of its rows."""
@@ -73,6 +77,9 @@ class RequestHandle:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
+        self.queue_position: int | None = None
+        """1-based place in serving order when the request had to queue; ``None`` when a
+        batch slot was free for it."""
         self._events: queue.SimpleQueue[Event | EngineError] = queue.SimpleQueue()
         self.cancelled = False
         self._done = False
@@ -144,7 +151,8 @@ class Engine:
         self.limits = limits
         self.tokenizer = tokenizer
         self._cond = threading.Condition()
-        self._pending: collections.deque[_Sequence] = collections.deque()
+        self._pending: FairQueue[_Sequence] = FairQueue(lambda seq: seq.request.client)
+        self._estimator = FirstTokenEstimator()
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -180,7 +188,11 @@ class Engine:
         return len(self._pending)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queues a request; raises at once if the engine cannot take it."""
+        """Queues a request; raises at once if the engine cannot take it.
+
+        That includes a request whose deadline passes before its estimated first token
+        (:class:`DeadlineExceededError`): waiting would only fail it later.
+        """
         handle = RequestHandle(request.request_id)
         context_room = self.model.context_length - len(request.prompt_ids)
         max_new = min(request.params.max_new_tokens, context_room)
@@ -210,13 +222,50 @@ class Engine:
                 raise OverloadedError(
                     f"the queue is full ({self.limits.max_queue} waiting)", _RETRY_AFTER_SECONDS
                 )
+            if self._pending.waiting(request.client) >= self.limits.max_queue_per_client:
+                raise OverloadedError(
+                    f"this client's queue is full ({self.limits.max_queue_per_client} waiting, "
+                    "the most one client may queue)",
+                    _RETRY_AFTER_SECONDS,
+                )
+            handle.queue_position = self._queue_position(sequence)
             if not self.has_work:
                 self.last_progress = time.monotonic()
-            self._pending.append(sequence)
+            self._pending.push(sequence)
             self._cond.notify()
         with self._handles_lock:
             self._handles.add(handle)
         return handle
+
+    def _queue_position(self, sequence: _Sequence) -> int | None:
+        """Where ``sequence`` waits in serving order, or ``None`` when a batch slot is free for
+        it at the next step boundary (a burst of requests arrives before the engine thread has
+        taken the first: they are not queued behind one another).
+
+        Raises :class:`DeadlineExceededError` when its deadline falls before its estimated
+        first token. A request that can start at once is always tried. Called under the lock.
+        """
+        request = sequence.request
+        ahead = self._pending.ahead_of_new(request.client)
+        # The engine thread changes these lists outside the lock: what is read here may be a
+        # step old, and a joiner is in both while it merges, hence the dictionary.
+        running = {id(seq): seq for seq in (*self._rows, *self._joining) if not seq.finished}
+        if len(running) + len(ahead) < self.limits.max_batch_size:
+            return None
+        if request.deadline is not None:
+            estimate = self._estimator.seconds_to_first_token(
+                [_work(seq) for seq in running.values()],
+                [_work(seq) for seq in ahead],
+                len(request.prompt_ids),
+                self.limits.max_batch_size,
+            )
+            left = request.deadline - time.monotonic()
+            if estimate is not None and estimate > left:
+                raise DeadlineExceededError(
+                    f"the first token is estimated in {estimate:.1f} s ({len(running)} running, "
+                    f"{len(ahead)} queued ahead), after the deadline in {left:.1f} s"
+                )
+        return len(ahead) + 1
 
     @property
     def has_work(self) -> bool:
@@ -293,20 +342,19 @@ class Engine:
 
     def _drop_pending_that_left(self, now: float) -> None:
         """Frees queue places of requests cancelled or expired while they waited."""
-        if not any(seq.dropped_reason(now) for seq in self._pending):
-            return
-        waiting: collections.deque[_Sequence] = collections.deque()
-        for seq in self._pending:
+
+        def answered(seq: _Sequence) -> bool:
             reason = seq.dropped_reason(now)
-            if reason is None:
-                waiting.append(seq)
-            else:
+            if reason is not None:
                 seq.handle.put(reason)
-        self._pending = waiting
+            return reason is not None
+
+        self._pending.remove(answered)
 
     def _admit(self) -> list[_Sequence]:
-        """Takes queued requests, oldest first, while batch slots, the KV budget and the prefill
-        budget allow; the rest join at a later step boundary.
+        """Takes queued requests in turn (clients take turns, see :class:`FairQueue`) while
+        batch slots, the KV budget and the prefill budget allow; the rest join at a later step
+        boundary.
 
         The KV budget counts what the padded layout allocates: every row as wide as the widest
         row will grow (its prompt plus max_new_tokens). One long prompt among short streams
@@ -317,14 +365,14 @@ class Engine:
         admitted: list[_Sequence] = []
         longest = 0
         while self._pending and rows + len(admitted) < self.limits.max_batch_size:
-            candidate = self._pending[0]
+            candidate = self._pending.peek()
             widest = max(widest_row, candidate.reserved_tokens)
             if widest * (rows + len(admitted) + 1) > self.limits.kv_cache_tokens:
                 break
             prompt_width = max(longest, len(candidate.request.prompt_ids))
             if admitted and prompt_width * (len(admitted) + 1) > self.limits.max_prefill_tokens:
                 break
-            self._pending.popleft()
+            self._pending.pop()
             widest_row, longest = widest, prompt_width
             admitted.append(candidate)
         return admitted
@@ -352,15 +400,20 @@ class Engine:
             if batch_at_risk:
                 self._reset_batch()
 
-    def _observe(self, kind: str, batch_size: int, tokens: int, started: float) -> None:
+    def _observe(self, kind: str, batch_size: int, tokens: int, started: float) -> float:
+        """Reports a step to the observer; returns its seconds."""
+        seconds = time.perf_counter() - started
         if self.observer is not None:
-            self.observer.on_step(kind, batch_size, tokens, time.perf_counter() - started)
+            self.observer.on_step(kind, batch_size, tokens, seconds)
+        return seconds
 
     def _prefill(self, joiners: list[_Sequence]) -> None:
         started = time.perf_counter()
         prompts = [list(seq.request.prompt_ids) for seq in joiners]
         logits, cache, mask = self.model.prefill(prompts, self._mark_progress)
-        self._observe("prefill", len(joiners), sum(len(p) for p in prompts), started)
+        tokens = sum(len(p) for p in prompts)
+        seconds = self._observe("prefill", len(joiners), tokens, started)
+        self._estimator.on_prefill(tokens, seconds)
         for row, seq in enumerate(joiners):
             self._accept_token_isolated(seq, logits[row])
         survivors = [row for row, seq in enumerate(joiners) if not seq.finished]
@@ -403,7 +456,8 @@ class Engine:
         logits = self.model.decode(
             tokens, self._cache, self._mask, self._positions, self._mark_progress
         )
-        self._observe("decode", len(self._rows), len(self._rows), started)
+        seconds = self._observe("decode", len(self._rows), len(self._rows), started)
+        self._estimator.on_decode_step(seconds)
         self._positions += 1
         for row, seq in enumerate(self._rows):
             self._accept_token_isolated(seq, logits[row])
@@ -442,6 +496,7 @@ class Engine:
             if text:
                 seq.handle.put(TextDelta(text))
         seq.finished = True
+        self._estimator.on_finished(seq.generated)
         usage = Usage(prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.generated)
         seq.handle.put(Completed(reason, usage))
 
@@ -472,6 +527,10 @@ class Engine:
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
         release_free_memory()
+
+
+def _work(seq: _Sequence) -> Work:
+    return Work(len(seq.request.prompt_ids), seq.max_new_tokens, seq.generated)
 
 
 def _failure(seq: _Sequence) -> GenerationFailedError:
