@@ -56,6 +56,14 @@ class Settings:
         default=64,
         metadata={"help": "requests waiting for a batch slot; past it RESOURCE_EXHAUSTED"},
     )
+    max_queue_per_client: int = field(
+        default=48,
+        metadata={
+            "help": "requests one client (as rate_limit_per_second tells them apart) may have "
+            "waiting; past it RESOURCE_EXHAUSTED, so one caller cannot fill the queue; clients "
+            "take turns for batch slots (set it to max_queue to bound only the total)"
+        },
+    )
     kv_cache_tokens: int = field(
         default=16384, metadata={"help": "KV-cache budget in tokens over all running sequences"}
     )

@@ -174,6 +174,7 @@ def scheduler_limits(settings: Settings) -> SchedulerLimits:
     return SchedulerLimits(
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        max_queue_per_client=settings.max_queue_per_client,
         kv_cache_tokens=settings.kv_cache_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,

@@ -18,6 +18,8 @@ from qwen_grpc import status
 from qwen_grpc.engine.errors import UnavailableError
 from qwen_grpc.engine.scheduler import Engine, RequestHandle
 from qwen_grpc.engine.types import Completed, FinishReason, GenerationRequest, SamplingParams, Usage
+from qwen_grpc.interceptors.base import CallContext
+from qwen_grpc.metadata import QUEUE_POSITION_KEY, REQUEST_ID_KEY
 from qwen_grpc.v1 import chat_pb2, chat_pb2_grpc
 from qwen_grpc.validation import (
     RequestLimits,
@@ -27,7 +29,6 @@ from qwen_grpc.validation import (
 )
 
 _LOGGER = logging.getLogger(__name__)
-REQUEST_ID_KEY = "x-request-id"
 
 _FINISH_REASONS = {
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
@@ -75,6 +76,21 @@ def _options(params: SamplingParams) -> chat_pb2.GenerationOptions:
     )
 
 
+def _send_queue_position(context: grpc.ServicerContext, position: int) -> None:
+    """Tells a queued stream where it waits, before its first token.
+
+    Headers commit the call (gRFC A6): no retry policy applies to it afterwards. That is fine
+    once the engine has accepted the request: the refusals worth retrying (UNAVAILABLE while
+    the model loads or the server drains) come before this point, and a stream that fails
+    later is not retried anyway, as it may have sent text (the Python client retries unary
+    calls only).
+    """
+    try:
+        context.send_initial_metadata(((QUEUE_POSITION_KEY, str(position)),))
+    except grpc.RpcError:  # the client left; its cancellation callback ends the request
+        return
+
+
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Serves ``qwen.chat.v1.ChatService`` on top of an :class:`Engine`."""
 
@@ -109,6 +125,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 prompt_ids=tuple(prompt_ids),
                 params=params,
                 deadline=None if remaining is None else time.monotonic() + remaining,
+                client=CallContext.of(context).client,
             )
         )
         if not context.add_callback(handle.cancel):
@@ -143,7 +160,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> Iterator[chat_pb2.StreamChatResponse]:
         request_id = request_id_of(context)
         try:
-            for event in self._start(request, context, request_id):
+            handle = self._start(request, context, request_id)
+            if handle.queue_position is not None:
+                _send_queue_position(context, handle.queue_position)
+            for event in handle:
                 if isinstance(event, Completed):
                     yield chat_pb2.StreamChatResponse(
                         final=chat_pb2.StreamChatFinal(

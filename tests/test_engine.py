@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 from harness.steps import StepGate
 from qwen_grpc.engine import scheduler
 from qwen_grpc.engine.decoder import Decoder, UnsupportedModelError
-from qwen_grpc.engine.errors import GenerationFailedError, OverloadedError
+from qwen_grpc.engine.errors import DeadlineExceededError, GenerationFailedError, OverloadedError
 from qwen_grpc.engine.model import LoadedModel, load_model
 from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.sampling import TokenSampler
@@ -258,6 +258,77 @@ def test_cancelled_requests_free_their_queue_place_while_the_batch_is_full(
         assert engine.queued_requests == 0
         engine.submit(GenerationRequest("fits-again", prompt, long)).cancel()
         running.cancel()
+    finally:
+        engine.stop()
+
+
+def test_a_light_clients_request_is_served_before_a_heavy_clients_backlog(
+    tiny_model: LoadedModel,
+) -> None:
+    engine = Engine(
+        tiny_model, SchedulerLimits(max_batch_size=1), SharedTokenizer(tiny_model.tokenizer)
+    )
+    engine.start()
+    try:
+        prompt = encode(engine, "Tell a long story")
+        short = SamplingParams(max_new_tokens=8, greedy=True)
+
+        def heavy(index: int) -> RequestHandle:
+            return engine.submit(GenerationRequest(f"heavy-{index}", prompt, short, client="heavy"))
+
+        with StepGate(engine) as gate:
+            gate.hold()
+            backlog = [heavy(0)]
+            assert gate.held.wait(30), "the first request never started decoding"
+            backlog += [heavy(index) for index in range(1, 7)]
+            long = SamplingParams(max_new_tokens=1000, greedy=True)
+            light = engine.submit(GenerationRequest("light", prompt, long, client="light"))
+            gate.release()
+            next(iter(light))
+            # One batch slot: while the light request generates, nobody else can start.
+            answered = [handle.done for handle in backlog]
+            still_waiting = engine.queued_requests
+            light.cancel()
+            for handle in backlog:
+                handle.cancel()
+    finally:
+        engine.stop()
+    assert light.queue_position == 2
+    assert [handle.queue_position for handle in backlog] == [None, 1, 2, 3, 4, 5, 6]
+    # The heavy client's first two were served; its third waits behind the light request.
+    assert answered == [True, True, False, False, False, False, False]
+    assert still_waiting == 5
+
+
+def test_a_request_that_can_start_at_once_is_never_refused_by_the_estimate(
+    tiny_model: LoadedModel,
+) -> None:
+    engine = Engine(
+        tiny_model, SchedulerLimits(max_batch_size=1), SharedTokenizer(tiny_model.tokenizer)
+    )
+    engine.start()
+    try:
+        prompt = encode(engine, "Tell a long story")
+        long = SamplingParams(max_new_tokens=200, greedy=True)
+        collect(engine.submit(GenerationRequest("measured", prompt, long)))
+
+        def hurried() -> GenerationRequest:
+            """Due sooner than any prefill could answer it."""
+            return GenerationRequest("hurried", prompt, long, deadline=time.monotonic() + 0.001)
+
+        with StepGate(engine) as gate:
+            gate.hold()
+            running = engine.submit(GenerationRequest("running", prompt, long))
+            assert gate.held.wait(30), "the running request never started decoding"
+            with pytest.raises(DeadlineExceededError, match="the first token is estimated in"):
+                engine.submit(hurried())
+            running.cancel()
+            gate.release()
+            gate.steps_until_idle()
+        handle = engine.submit(hurried())
+        assert handle.queue_position is None
+        with pytest.raises(DeadlineExceededError, match="passed during generation"):
+            collect(handle)
     finally:
         engine.stop()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -187,8 +188,11 @@ def test_with_the_default_limits_a_full_queue_is_what_refuses_a_call(
         try:
             calls.append(running.stub.StreamChat(stream(), timeout=60))
             assert gate.held.wait(30), "the first stream never started decoding"
+            # Two clients, as one alone may queue only max_queue_per_client; and deadlines so
+            # long that the queue's estimated wait never refuses one.
             calls.extend(
-                running.stub.StreamChat(stream(), timeout=60) for _ in range(settings.max_queue)
+                running.stub.StreamChat(stream(), metadata=client(f"c{i % 2}"), timeout=300)
+                for i in range(settings.max_queue)
             )
             assert gate.wait_for(lambda: engine.queued_requests == settings.max_queue), (
                 f"only {engine.queued_requests} of {settings.max_queue} calls reached the queue"
@@ -208,6 +212,120 @@ def test_with_the_default_limits_a_full_queue_is_what_refuses_a_call(
                 call.cancel()
         gate.release()
         assert gate.steps_until_idle() <= 1
+
+
+# -- fair, deadline-aware admission ----------------------------------------------------------
+
+
+def client(name: str) -> list[tuple[str, str]]:
+    return [("x-client-id", name)]
+
+
+@pytest.fixture(scope="module")
+def one_slot(tiny_settings: Settings) -> Iterator[RunningServer]:
+    """A server whose engine decodes one sequence at a time: everyone else queues."""
+    running = RunningServer(
+        replace(tiny_settings, max_batch_size=1, max_queue=4, max_queue_per_client=2)
+    )
+    running.server.load()
+    yield running
+    running.close()
+
+
+def test_a_client_past_its_queue_bound_is_refused_while_another_is_accepted(
+    one_slot: RunningServer,
+) -> None:
+    engine = engine_of(one_slot)
+    calls: list[Any] = []
+    with StepGate(engine) as gate:
+        gate.hold()
+        try:
+            calls.append(one_slot.stub.StreamChat(stream(), metadata=client("heavy"), timeout=60))
+            assert gate.held.wait(30), "the first stream never started decoding"
+            calls.extend(
+                one_slot.stub.StreamChat(stream(), metadata=client("heavy"), timeout=60)
+                for _ in range(2)
+            )
+            assert gate.wait_for(lambda: engine.queued_requests == 2)
+            with pytest.raises(grpc.RpcError) as caught:
+                next(one_slot.stub.StreamChat(stream(), metadata=client("heavy"), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            light = one_slot.stub.StreamChat(stream(), metadata=client("light"), timeout=10)
+            calls.append(light)
+            # Accepted: it waits behind the heavy client's first queued request only.
+            assert dict(light.initial_metadata()).get("x-queue-position") == "2"
+        finally:
+            for call in calls:
+                call.cancel()
+        gate.release()
+        assert gate.steps_until_idle() <= 1
+    details = caught.value.details()  # type: ignore[attr-defined]
+    assert "this client's queue is full (2 waiting" in details
+    assert retry_delay(caught.value) is not None
+
+
+def test_a_queued_stream_gets_its_queue_position_in_the_headers_before_any_token(
+    one_slot: RunningServer,
+) -> None:
+    at_once = one_slot.stub.StreamChat(stream(4), timeout=30)
+    at_once_headers = dict(at_once.initial_metadata())
+    assert list(at_once)[-1].WhichOneof("event") == "final"
+    engine = engine_of(one_slot)
+    with StepGate(engine) as gate:
+        gate.hold()
+        first = one_slot.stub.StreamChat(stream(), timeout=60)
+        assert gate.held.wait(30), "the first stream never started decoding"
+        queued = one_slot.stub.StreamChat(stream(4), timeout=10)
+        # Generation is frozen: these headers can only have been sent when the call queued.
+        queued_headers = dict(queued.initial_metadata())
+        first.cancel()
+        gate.release()
+        events = list(queued)
+    assert "x-request-id" in at_once_headers
+    assert "x-queue-position" not in at_once_headers
+    assert queued_headers["x-queue-position"] == "1"
+    assert queued_headers["x-request-id"] == dict(queued.trailing_metadata())["x-request-id"]
+    assert events[-1].WhichOneof("event") == "final"
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_once_naming_the_estimate(
+    server_factory: Any,
+) -> None:
+    running: RunningServer = server_factory(max_batch_size=1, warmup=False)
+    running.server.load()
+    engine = engine_of(running)
+    # What the estimate learns from: 400 decode steps and one 400-token answer.
+    assert running.stub.Chat(chat(400), timeout=120).usage.completion_tokens == 400
+    heavy = client("heavy")
+    ahead: list[Any] = []
+    with StepGate(engine) as gate:
+        gate.hold()
+        try:
+            ahead.append(running.stub.StreamChat(stream(400), metadata=heavy, timeout=600))
+            assert gate.held.wait(30), "the first stream never started decoding"
+            # About 13 x 400 decode steps ahead: seconds even on a fast machine.
+            ahead.extend(
+                running.stub.StreamChat(stream(400), metadata=heavy, timeout=600) for _ in range(12)
+            )
+            assert gate.wait_for(lambda: engine.queued_requests == 12)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                running.stub.Chat(chat(4), metadata=heavy, timeout=2.0)
+            # Refused on arrival, not failed once the 2 s had passed.
+            assert time.monotonic() - started < 0.5
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            generous = running.stub.StreamChat(stream(4), metadata=heavy, timeout=600)
+            position = dict(generous.initial_metadata()).get("x-queue-position")
+        finally:
+            for call in ahead:
+                call.cancel()
+        gate.release()
+        events = list(generous)
+    details = caught.value.details()  # type: ignore[attr-defined]
+    assert "the first token is estimated in" in details
+    assert "(1 running, 12 queued ahead), after the deadline in" in details
+    assert position == "13"
+    assert events[-1].WhichOneof("event") == "final"
 
 
 # -- deadlines -------------------------------------------------------------------------------

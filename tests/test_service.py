@@ -304,6 +304,12 @@ class EndedCallContext:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
 
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def peer_identities(self) -> None:
+        return None
+
     def time_remaining(self) -> float | None:
         return None
 

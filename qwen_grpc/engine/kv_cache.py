@@ -75,6 +75,7 @@ class LayerPool:
     ) -> None:
         """Stores token ``i``'s ``keys[i], values[i] [kv_heads, head_dim]`` (float32) at
         ``(blocks[i], offsets[i])``."""
+        stored: tuple[torch.Tensor, ...]
         if self.quantized:
             stored = (*quantize_kv(keys), *quantize_kv(values))
         else:

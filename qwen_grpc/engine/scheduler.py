@@ -10,7 +10,6 @@ nothing.
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -22,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from qwen_grpc.engine.admission import FairQueue
 from qwen_grpc.engine.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -31,6 +31,7 @@ from qwen_grpc.engine.errors import (
     OverloadedError,
     UnavailableError,
 )
+from qwen_grpc.engine.estimate import FirstTokenEstimator, Work
 from qwen_grpc.engine.kv_cache import KVRow
 from qwen_grpc.engine.model import LoadedModel
 from qwen_grpc.engine.prompt import SharedTokenizer
@@ -62,6 +63,9 @@ class SchedulerLimits:
 
     max_batch_size: int = 8
     max_queue: int = 64
+    max_queue_per_client: int = 48
+    """Queued requests of one client (:attr:`GenerationRequest.client`), so that a heavy
+    caller cannot fill the whole queue and refuse everybody else."""
     kv_cache_tokens: int = 16384
     """KV slots the batch may hold: each row reserves its prompt plus max_new_tokens (rounded up
     to whole cache blocks) when it joins."""
@@ -78,6 +82,9 @@ class RequestHandle:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
+        self.queue_position: int | None = None
+        """1-based place in serving order when the request had to queue; ``None`` when a
+        batch slot was free for it."""
         self._events: queue.SimpleQueue[Event | EngineError] = queue.SimpleQueue()
         self.cancelled = False
         self._done = False
@@ -156,7 +163,8 @@ class Engine:
         self.limits = limits
         self.tokenizer = tokenizer
         self._cond = threading.Condition()
-        self._pending: collections.deque[_Sequence] = collections.deque()
+        self._pending: FairQueue[_Sequence] = FairQueue(lambda seq: seq.request.client)
+        self._estimator = FirstTokenEstimator()
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -190,7 +198,11 @@ class Engine:
         return len(self._pending)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queues a request; raises at once if the engine cannot take it."""
+        """Queues a request; raises at once if the engine cannot take it.
+
+        That includes a request whose deadline passes before its estimated first token
+        (:class:`DeadlineExceededError`): waiting would only fail it later.
+        """
         handle = RequestHandle(request.request_id)
         context_room = self.model.context_length - len(request.prompt_ids)
         max_new = min(request.params.max_new_tokens, context_room)
@@ -220,13 +232,50 @@ class Engine:
                 raise OverloadedError(
                     f"the queue is full ({self.limits.max_queue} waiting)", _RETRY_AFTER_SECONDS
                 )
+            if self._pending.waiting(request.client) >= self.limits.max_queue_per_client:
+                raise OverloadedError(
+                    f"this client's queue is full ({self.limits.max_queue_per_client} waiting, "
+                    "the most one client may queue)",
+                    _RETRY_AFTER_SECONDS,
+                )
+            handle.queue_position = self._queue_position(sequence)
             if not self.has_work:
                 self.last_progress = time.monotonic()
-            self._pending.append(sequence)
+            self._pending.push(sequence)
             self._cond.notify()
         with self._handles_lock:
             self._handles.add(handle)
         return handle
+
+    def _queue_position(self, sequence: _Sequence) -> int | None:
+        """Where ``sequence`` waits in serving order, or ``None`` when a batch slot is free for
+        it at the next step boundary (a burst of requests arrives before the engine thread has
+        taken the first: they are not queued behind one another).
+
+        Raises :class:`DeadlineExceededError` when its deadline falls before its estimated
+        first token. A request that can start at once is always tried. Called under the lock.
+        """
+        request = sequence.request
+        ahead = self._pending.ahead_of_new(request.client)
+        # The engine thread changes the batch outside the lock: what is read here may be a
+        # step old.
+        running = [seq for seq in self._rows if not seq.finished]
+        if len(running) + len(ahead) < self.limits.max_batch_size:
+            return None
+        if request.deadline is not None:
+            estimate = self._estimator.seconds_to_first_token(
+                [_work(seq) for seq in running],
+                [_work(seq) for seq in ahead],
+                len(request.prompt_ids),
+                self.limits.max_batch_size,
+            )
+            left = request.deadline - time.monotonic()
+            if estimate is not None and estimate > left:
+                raise DeadlineExceededError(
+                    f"the first token is estimated in {estimate:.1f} s ({len(running)} running, "
+                    f"{len(ahead)} queued ahead), after the deadline in {left:.1f} s"
+                )
+        return len(ahead) + 1
 
     @property
     def has_work(self) -> bool:
@@ -297,29 +346,27 @@ class Engine:
 
     def _drop_pending_that_left(self, now: float) -> None:
         """Frees queue places of requests cancelled or expired while they waited."""
-        if not any(seq.dropped_reason(now) for seq in self._pending):
-            return
-        waiting: collections.deque[_Sequence] = collections.deque()
-        for seq in self._pending:
+
+        def answered(seq: _Sequence) -> bool:
             reason = seq.dropped_reason(now)
-            if reason is None:
-                waiting.append(seq)
-            else:
+            if reason is not None:
                 seq.handle.put(reason)
-        self._pending = waiting
+            return reason is not None
+
+        self._pending.remove(answered)
 
     def _admit(self) -> None:
-        """Takes queued requests, oldest first, while batch slots and the KV budget allow; the
-        rest join at a later step boundary.
+        """Takes queued requests in turn (clients take turns, see :class:`FairQueue`) while
+        batch slots and the KV budget allow; the rest join at a later step boundary.
 
         Each row reserves its prompt plus max_new_tokens in cache blocks, real tokens with no
         padding, so a running sequence never finds the cache full.
         """
         while self._pending and len(self._rows) < self.limits.max_batch_size:
-            candidate = self._pending[0]
+            candidate = self._pending.peek()
             if not self._cache.can_reserve(candidate.reserved_tokens):
                 break
-            self._pending.popleft()
+            self._pending.pop()
             candidate.row = self._cache.open_row(candidate.reserved_tokens)
             self._rows.append(candidate)
 
@@ -380,8 +427,13 @@ class Engine:
         return chunks
 
     def _observe_step(self, decode_rows: int, prompt_tokens: int, started: float) -> None:
-        """Reports the pass as a decode step, a prefill, or both (one pass did both)."""
+        """Reports the pass as a decode step, a prefill, or both (one pass did both), to the
+        observer and to the first-token estimate."""
         seconds = time.perf_counter() - started
+        if decode_rows:
+            self._estimator.on_decode_step(seconds)
+        if prompt_tokens:
+            self._estimator.on_prefill(prompt_tokens, seconds)
         if self.observer is None:
             return
         if decode_rows:
@@ -421,6 +473,7 @@ class Engine:
             if text:
                 seq.handle.put(TextDelta(text))
         seq.finished = True
+        self._estimator.on_finished(seq.generated)
         usage = Usage(prompt_tokens=len(seq.request.prompt_ids), completion_tokens=seq.generated)
         seq.handle.put(Completed(reason, usage))
 
@@ -441,6 +494,10 @@ class Engine:
         for seq in self._rows:
             self._cache.close_row(_row(seq))
         self._rows = []
+
+
+def _work(seq: _Sequence) -> Work:
+    return Work(len(seq.request.prompt_ids), seq.max_new_tokens, seq.generated)
 
 
 def _row(seq: _Sequence) -> KVRow:

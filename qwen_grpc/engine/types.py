@@ -86,6 +86,8 @@ class GenerationRequest:
     params: SamplingParams
     deadline: float | None = None
     """Absolute ``time.monotonic()`` after which the sequence is dropped."""
+    client: str = ""
+    """Who asks (the identity rate limits use): clients take turns in the engine's queue."""
     tags: dict[str, str] = field(default_factory=dict)
 
 

@@ -18,16 +18,15 @@ import abc
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
 import grpc
 
-from qwen_grpc.service import REQUEST_ID_KEY
+from qwen_grpc.metadata import CLIENT_ID_KEY, REQUEST_ID_KEY
 from qwen_grpc.v1 import chat_pb2
 
-CLIENT_ID_KEY = "x-client-id"
 MAX_REQUEST_ID_CHARS = 128
 CHAT_SERVICE_PREFIX = f"/{chat_pb2.DESCRIPTOR.services_by_name['ChatService'].full_name}/"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -58,15 +57,18 @@ class CallContext:
     """The servicer context of one call, plus what the interceptors learned about the call.
 
     Every attribute not defined here is the real context's (``abort``, ``add_callback``, ...).
-    Two methods are adjusted so the servicer needs no knowledge of the interceptors:
+    Three methods are adjusted so the servicer needs no knowledge of the interceptors:
     ``invocation_metadata`` always carries the call's ``x-request-id`` (generated if the caller
     sent none, so the servicer's errors quote the same id the access log and the response
-    metadata show) and ``time_remaining`` honours the server's default and maximum deadline.
+    metadata show), ``time_remaining`` honours the server's default and maximum deadline, and
+    ``send_initial_metadata`` adds the ``x-request-id`` to headers the servicer sends itself.
     """
 
     def __init__(self, inner: grpc.ServicerContext) -> None:
         self._inner = inner
         self._request_id: str | None = None
+        self.headers_sent = False
+        """The response headers are gone (gRPC sends them once per call)."""
         self.identity: str | None = None
         """Authenticated client name, set by the auth interceptor."""
         self.deadline: float | None = None
@@ -97,7 +99,7 @@ class CallContext:
 
     @property
     def client(self) -> str:
-        """Who the call is from, for rate limits and logs, most trustworthy source first.
+        """Who the call is from, for rate limits, fair queueing and logs, most trustworthy first.
 
         The authenticated identity; else the client certificate's identity (mutual TLS); else
         the self-declared ``x-client-id``; else the peer's address without its port, so a
@@ -122,6 +124,11 @@ class CallContext:
         ]
         entries.append(Metadatum(REQUEST_ID_KEY, self.request_id))
         return tuple(entries)
+
+    def send_initial_metadata(self, initial_metadata: Sequence[tuple[str, str]]) -> None:
+        """Sends the response headers now, with the call's ``x-request-id`` among them."""
+        self.headers_sent = True
+        self._inner.send_initial_metadata((*initial_metadata, (REQUEST_ID_KEY, self.request_id)))
 
     def time_remaining(self) -> float:
         remaining: float = self._inner.time_remaining()

@@ -6,6 +6,8 @@ every call, failed ones included. Never earlier: under gRPC's retry design (gRFC
 headers commit a call, and a committed call is not retried, so headers sent before the handler
 ran would turn every UNAVAILABLE answer (model loading, engine stuck) into a final failure.
 A refusal therefore carries the id only in its trailers, where ``grpcurl -v`` shows it as well.
+The one exception is the servicer's: a stream that has to queue gets its headers (its
+``x-queue-position`` and the id) once the engine has accepted it, when no refusal is left to retry.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from qwen_grpc.interceptors.base import REQUEST_ID_KEY, Behavior, CallContext, C
 
 
 def _send_headers(context: CallContext) -> None:
-    """Headers with the id, unless the call already failed (then trailers alone carry it)."""
-    if context.code() not in (None, grpc.StatusCode.OK):
+    """Headers with the id, unless the servicer sent them already (a queued stream's position,
+    see :mod:`qwen_grpc.service`) or the call failed (then trailers alone carry the id)."""
+    if context.headers_sent or context.code() not in (None, grpc.StatusCode.OK):
         return
     try:
-        context.send_initial_metadata(((REQUEST_ID_KEY, context.request_id),))
+        context.send_initial_metadata(())
     except grpc.RpcError:  # the client went away in the meantime: nobody is left to tell
         return
 
