@@ -27,6 +27,8 @@ import torch
 _LOGGER = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp", "bf16.cpp"))
+# Included by the sources, not compiled on their own; hashed so that editing one rebuilds.
+_HEADERS = (Path(__file__).with_name("simd.h"),)
 _EXTENSION = "qwen_q8"
 _CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 # -fopenmp makes at::parallel_for's pragma real; the extension then links libgomp.so.1 by
@@ -70,7 +72,7 @@ def missing_cpu_features(flags: frozenset[str]) -> list[str]:
 def build_directory() -> Path:
     """``<cache>/kernels/<sha256>``: a changed source, flag or torch version rebuilds."""
     digest = hashlib.sha256()
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join(_CFLAGS + _OPENMP).encode())
     digest.update(torch.__version__.encode())
