@@ -14,6 +14,11 @@ The int8 KV cache has its quantizer (:func:`quantize_kv`) and the decode attenti
 it (:func:`decode_attention`): ``kv.cpp`` natively, ``kv_layout.py`` and ``kv_reference.py``
 otherwise, built into the same extension under the same path decision.
 
+:func:`paged_decode_attention` is decode attention over a paged cache: pools of fixed-size
+blocks (int8 with scales, float32 or bfloat16) and a block table per row, so rows of any
+length share one pool without a dense ``[B, KVH, C, D]`` buffer sized for the longest.
+``paged.cpp`` natively, ``paged_reference.py`` (the spec) otherwise.
+
 :class:`Bf16Weight` (:func:`pack_bf16`) keeps a weight in bf16, the bytes decode streams, but
 computes in float32: each weight converted exactly, float32 activations, accumulation and
 output. It is more faithful to a float32 model than bf16 activations and outputs (oneDNN's bf16
@@ -24,7 +29,15 @@ from __future__ import annotations
 
 import torch
 
-from qwen_grpc.engine.kernels import bf16_layout, kv_layout, kv_reference, layout, native, reference
+from qwen_grpc.engine.kernels import (
+    bf16_layout,
+    kv_layout,
+    kv_reference,
+    layout,
+    native,
+    paged_reference,
+    reference,
+)
 from qwen_grpc.engine.kernels.kv_layout import dequantize_kv
 
 __all__ = [
@@ -35,12 +48,14 @@ __all__ = [
     "kernel_path",
     "native_available",
     "pack_bf16",
+    "paged_decode_attention",
     "quantize_kv",
     "quantize_q8",
 ]
 
 _NATIVE_HEAD_DIM_STEP = 16
 _NATIVE_MAX_HEAD_DIM = 256
+_POOL_DTYPES = (torch.int8, torch.float32, torch.bfloat16)
 
 
 def native_available() -> bool:
@@ -218,3 +233,111 @@ def decode_attention(
     return kv_reference.decode_attention(
         queries, keys, key_scales, values, value_scales, bias.float(), scale
     )
+
+
+def paged_decode_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_scales: torch.Tensor | None,
+    values: torch.Tensor,
+    value_scales: torch.Tensor | None,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per row over a paged KV cache, in float32.
+
+    Args:
+        queries: ``[B, H, D]`` (float32; bf16 is converted).
+        keys: the key pool ``[NB, KVH, BS, D]``, int8 (from :func:`quantize_kv`), float32 or
+            bfloat16.
+        key_scales: float32 ``[NB, KVH, BS]`` for an int8 pool, None for a float one.
+        values: the value pool, shaped and typed like ``keys``.
+        value_scales: as ``key_scales``, for ``values``.
+        block_table: int32 ``[B, MB]``: row ``b``'s token ``t`` is in block
+            ``block_table[b, t // BS]`` at offset ``t % BS``. Entries past a row's
+            ``ceil(length / BS)`` are never read (they may hold -1).
+        lengths: int32 ``[B]``: row ``b`` attends over its first ``lengths[b]`` tokens, the
+            new one already written.
+        scale: the softmax scale, usually ``1 / sqrt(D)``.
+
+    Returns:
+        float32 ``[B, H, D]``. Query head ``h`` reads kv head ``h // (H // KVH)``; a row of
+        length 0 gives zeros; a row's result does not depend on the other rows of the batch.
+        Native when the extension runs and ``D`` is a multiple of 16 up to 256, the torch
+        fallback otherwise.
+
+    Raises:
+        ValueError: for shapes or dtypes that do not fit together, a length beyond the table
+            or a used block id outside the pool.
+    """
+    _check_paged(queries, keys, key_scales, values, value_scales, block_table, lengths)
+    queries = queries.float().contiguous()
+    if _native_head_dim(queries.shape[-1]):
+        return torch.ops.qwen_q8.paged_decode_attention(
+            queries,
+            keys.contiguous(),
+            None if key_scales is None else key_scales.contiguous(),
+            values.contiguous(),
+            None if value_scales is None else value_scales.contiguous(),
+            block_table.contiguous(),
+            lengths.contiguous(),
+            float(scale),
+        )
+    return paged_reference.paged_decode_attention(
+        queries, keys, key_scales, values, value_scales, block_table, lengths, scale
+    )
+
+
+def _check_paged(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_scales: torch.Tensor | None,
+    values: torch.Tensor,
+    value_scales: torch.Tensor | None,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+) -> None:
+    """Shapes and dtypes only, so it costs no tensor op; lengths and block ids are checked
+    where they are read (``paged.cpp``, ``paged_reference``), also as ValueError."""
+    if queries.dim() != 3 or keys.dim() != 4 or values.shape != keys.shape:
+        raise ValueError(
+            f"expected queries [B, H, D] and key and value pools [NB, KVH, BS, D], got "
+            f"{tuple(queries.shape)}, {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    batch, heads, head_dim = queries.shape
+    _, kv_heads, block_size, pool_dim = keys.shape
+    if kv_heads == 0 or heads % kv_heads or block_size == 0 or pool_dim != head_dim:
+        raise ValueError(
+            f"expected H a multiple of KVH, BS >= 1 and the pools' D equal to the queries' "
+            f"{head_dim}, got queries {tuple(queries.shape)} and pools {tuple(keys.shape)}"
+        )
+    if keys.dtype not in _POOL_DTYPES or values.dtype != keys.dtype:
+        raise ValueError(
+            f"expected int8, float32 or bfloat16 pools of one dtype, got {keys.dtype} keys "
+            f"and {values.dtype} values"
+        )
+    for name, scales in (("key_scales", key_scales), ("value_scales", value_scales)):
+        _check_scales(name, scales, keys)
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype != torch.int32:
+        raise ValueError(
+            f"expected an int32 block_table [{batch}, MB], got {block_table.dtype} "
+            f"{tuple(block_table.shape)}"
+        )
+    if lengths.shape != (batch,) or lengths.dtype != torch.int32:
+        raise ValueError(
+            f"expected int32 lengths [{batch}], got {lengths.dtype} {tuple(lengths.shape)}"
+        )
+
+
+def _check_scales(name: str, scales: torch.Tensor | None, pool: torch.Tensor) -> None:
+    """An int8 pool needs float32 scales per token and head; a float pool has none."""
+    if pool.dtype != torch.int8:
+        if scales is not None:
+            raise ValueError(f"{name} must be None for a {pool.dtype} pool")
+        return
+    if scales is None or scales.shape != pool.shape[:3] or scales.dtype != torch.float32:
+        got = "None" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
+        raise ValueError(
+            f"an int8 pool needs float32 {name} {tuple(pool.shape[:3])} [NB, KVH, BS], got {got}"
+        )

@@ -35,65 +35,17 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;
+using qwen_simd::exp_nonpositive;
+using qwen_simd::kLanes;
+using qwen_simd::load16;
+using qwen_simd::reduce16;
+
 constexpr int64_t kMaxChunks = 16;    // head_dim up to 256
 constexpr int kAccumulators = 16;     // value-pass registers: heads per pass * chunks <= 16
-
-inline __m512 load_int8_as_float(const int8_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-}
-
-// Lane i of the result is the sum of the 16 lanes of v[i].
-inline __m512 reduce16(const __m512* v) {
-  __m512 half[8];
-  for (int i = 0; i < 8; ++i) {
-    const __m512 a = v[2 * i];
-    const __m512 b = v[2 * i + 1];
-    half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                            _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  __m512 quarter[4];
-  for (int i = 0; i < 4; ++i) {
-    const __m512 a = half[2 * i];
-    const __m512 b = half[2 * i + 1];
-    quarter[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                               _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-  }
-  __m512 pair[2];
-  for (int i = 0; i < 2; ++i) {
-    const __m512 a = quarter[2 * i];
-    const __m512 b = quarter[2 * i + 1];
-    pair[i] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                            _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  const __m512 mixed = _mm512_add_ps(_mm512_shuffle_ps(pair[0], pair[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                     _mm512_shuffle_ps(pair[0], pair[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  // mixed lane 4k + m holds v[4m + k]
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, mixed);
-}
-
-// exp(x) for x <= 0 (scores minus their max): Cody-Waite reduction by ln 2, a degree-6
-// polynomial on [-ln2/2, ln2/2] (relative error ~2e-7) and vscalefps for 2^n, which flushes
-// to 0 below float range instead of wrapping.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 struct Problem {
   const float* queries;  // [B, H, D]
@@ -145,11 +97,11 @@ void attend_group(const Problem& p, int64_t row, int64_t kv_head, std::vector<fl
       const float* q = queries + g * dim;
       for (int64_t j = 0; j < width; ++j) {
         const int8_t* k = keys + (c0 + j) * dim;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load_int8_as_float(k));
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
 #pragma GCC unroll 16
         for (int ch = 1; ch < CHUNKS; ++ch) {
           acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + ch * kLanes),
-                                load_int8_as_float(k + ch * kLanes), acc);
+                                load16(k + ch * kLanes), acc);
         }
         partial[j] = acc;
       }
@@ -199,7 +151,7 @@ void attend_group(const Problem& p, int64_t row, int64_t kv_head, std::vector<fl
         const int8_t* v = values + c * dim;
         __m512 vf[CHUNKS];
 #pragma GCC unroll 16
-        for (int ch = 0; ch < CHUNKS; ++ch) vf[ch] = load_int8_as_float(v + ch * kLanes);
+        for (int ch = 0; ch < CHUNKS; ++ch) vf[ch] = load16(v + ch * kLanes);
         for (int64_t g = 0; g < count; ++g) {
           const __m512 w = _mm512_set1_ps(scores[(g0 + g) * padded + c]);
 #pragma GCC unroll 16
@@ -277,13 +229,6 @@ at::Tensor decode_attention(const at::Tensor& queries, const at::Tensor& keys,
     }
   });
   return out;
-}
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 template <typename T>

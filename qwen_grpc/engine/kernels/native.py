@@ -4,8 +4,9 @@ The extension is compiled with ``torch.utils.cpp_extension.load`` into a directo
 sha256 of the source, the flags and the torch version, so a second process (or ``make install``
 having run ``python -m qwen_grpc.engine.kernels``) loads it without compiling. Its ops are
 registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows`` from ``q8.cpp``,
-``.decode_attention`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``, one library built
-from all three): the dispatcher checks the schema, and no pybind11 headers are compiled.
+``.decode_attention`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``,
+``.paged_decode_attention`` from ``paged.cpp``, one library built from all four): the
+dispatcher checks the schema, and no pybind11 headers are compiled.
 ``at::parallel_for`` inside it runs on torch's own OpenMP pool, so ``torch.set_num_threads``
 applies.
 """
@@ -26,7 +27,11 @@ import torch
 
 _LOGGER = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp", "bf16.cpp"))
+_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp", "bf16.cpp", "paged.cpp")
+)
+# Included by the sources, not compiled on their own; hashed so that editing one rebuilds.
+_HEADERS = (Path(__file__).with_name("simd.h"),)
 _EXTENSION = "qwen_q8"
 _CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 # -fopenmp makes at::parallel_for's pragma real; the extension then links libgomp.so.1 by
@@ -70,7 +75,7 @@ def missing_cpu_features(flags: frozenset[str]) -> list[str]:
 def build_directory() -> Path:
     """``<cache>/kernels/<sha256>``: a changed source, flag or torch version rebuilds."""
     digest = hashlib.sha256()
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join(_CFLAGS + _OPENMP).encode())
     digest.update(torch.__version__.encode())
