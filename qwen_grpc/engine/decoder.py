@@ -155,7 +155,7 @@ class Decoder:
         keys = _rotate(keys.float(), cos, sin)
         queries = _rotate(queries.float(), cos, sin)
         values = values.float()
-        pool.write(plan.slot_blocks, plan.slot_offsets, keys, values)
+        pool.write(plan.slots, keys, values)
         if plan.only_singles:
             attended = self._attend_singles(queries, pool, plan)
         else:

@@ -70,18 +70,21 @@ class LayerPool:
     def release(self) -> None:
         self._parts = ()
 
-    def write(
-        self, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> None:
-        """Stores token ``i``'s ``keys[i], values[i] [kv_heads, head_dim]`` (float32) at
-        ``(blocks[i], offsets[i])``."""
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Stores ``keys, values [tokens, kv_heads, head_dim]`` (float32) at ``slots`` (from
+        :meth:`PagedKVCache.flat_slots`), one contiguous row copy per token and head.
+
+        ``pool[blocks, :, offsets] = part`` is the same assignment, but torch's CPU index_put
+        took 0.3 ms per call at 8 tokens, a third of a whole decode step over 4 x 24 calls.
+        """
         stored: tuple[torch.Tensor, ...]
         if self.quantized:
             stored = (*quantize_kv(keys), *quantize_kv(values))
         else:
             stored = (keys.to(self._dtype), values.to(self._dtype))
         for pool, part in zip(self.parts(), stored, strict=True):
-            pool[blocks, :, offsets] = part
+            rows = pool.view(-1, *pool.shape[3:])
+            rows.index_copy_(0, slots, part.reshape(-1, *part.shape[2:]))
 
     def history(self, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's first ``length`` keys and values as float32 ``[kv_heads, length, head_dim]``."""
@@ -108,11 +111,20 @@ class PagedKVCache:
         self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, tokens: int
     ) -> None:
         self.total_blocks = max(1, math.ceil(tokens / BLOCK_TOKENS))
+        self.kv_heads = kv_heads
         self.layers = [
             LayerPool(self.total_blocks, kv_heads, head_dim, dtype) for _ in range(num_layers)
         ]
         self._free = list(range(self.total_blocks))
         self._reserved = 0
+
+    def flat_slots(self, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Row indices into a pool seen as ``[blocks * kv_heads * BLOCK_TOKENS, ...]`` of every
+        (token, kv head) pair, token-major: where :meth:`LayerPool.write` puts each."""
+        heads = torch.arange(self.kv_heads)
+        return (
+            (blocks[:, None] * self.kv_heads + heads) * BLOCK_TOKENS + offsets[:, None]
+        ).reshape(-1)
 
     @staticmethod
     def blocks_for(tokens: int) -> int:

@@ -57,8 +57,8 @@ class StepPlan:
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    slot_blocks: torch.Tensor
-    slot_offsets: torch.Tensor
+    slots: torch.Tensor
+    """Where each token's keys and values go (:meth:`PagedKVCache.flat_slots`)."""
     single_index: torch.Tensor
     """Flat indices of the one-token segments, attended by the paged decode kernel."""
     single_table: torch.Tensor
@@ -120,8 +120,9 @@ def plan_step(cache: PagedKVCache, segments: Sequence[Segment]) -> StepPlan:
     return StepPlan(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long),
-        slot_blocks=torch.tensor(blocks, dtype=torch.long),
-        slot_offsets=torch.tensor(offsets, dtype=torch.long),
+        slots=cache.flat_slots(
+            torch.tensor(blocks, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+        ),
         single_index=torch.tensor(singles, dtype=torch.long),
         single_table=_block_table(single_rows, cache),
         single_lengths=torch.tensor([row.length + 1 for row in single_rows], dtype=torch.int32),
