@@ -101,7 +101,7 @@ def bench_server(
             )
             record["levels"].append(level)
         if plan.rss_streams > 0:
-            record["rss_run"] = _rss_run(server, prompts, plan, info.dtype)
+            record["rss_run"] = rss_run(server, prompts, plan, info.dtype)
     return record
 
 
@@ -135,7 +135,7 @@ def _measured_level(
     }
 
 
-def _rss_run(
+def rss_run(
     server: ServerProcess, prompts: Sequence[BenchPrompt], plan: LoadPlan, dtype: str
 ) -> dict[str, Any]:
     """``rss_streams`` concurrent streams of ``rss_new_tokens`` tokens, peak RSS watched."""

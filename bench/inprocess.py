@@ -3,6 +3,8 @@
 * The engine single stream is the same code the server runs (``load_model`` + ``Engine``, limits
   from the server's default settings), fed the same prompt; comparing it with the gRPC
   single stream isolates what the service layer costs (``service_overhead``).
+* The engine's one-pass prefill of a long prompt (``LoadedModel.prefill``, nothing else
+  running) is what the same prompt's TTFT among running streams is compared with.
 * transformers eager ``generate`` in float32, batch 1, is how the seed service ran the model.
 
 Each function is meant to run in a fresh process (see :mod:`bench.isolate`) so models, threads
@@ -121,6 +123,45 @@ def engine_single_stream(
     finally:
         engine.stop()
     return {"dtype": model.dtype, "load_s": round(load_s, 2), **_quietly(measured)}
+
+
+def engine_prefill(
+    model_dir: Path,
+    dtype: str | None,
+    prompt_ids: tuple[int, ...],
+    repeats: int,
+    quiet: Quiet | None = None,
+) -> dict[str, Any]:
+    """``LoadedModel.prefill`` of one prompt on an idle engine: the one-pass prefill that a
+    long prompt's TTFT among running streams is measured against.
+
+    Loaded and run as the server does (loader thread, then the engine's thread, the server's
+    default threads); one untimed pass first, then the median of ``repeats``.
+    """
+    from qwen_grpc.config import Settings
+
+    settings = Settings() if dtype is None else Settings(dtype=dtype)  # type: ignore[arg-type]
+    model = load_like_the_server(model_dir, settings.dtype, settings.threads)
+
+    def prefill() -> float:
+        started = time.perf_counter()
+        model.prefill([list(prompt_ids)])
+        return time.perf_counter() - started
+
+    def timed() -> list[Quietly[float]]:
+        prefill()
+        return [
+            measure_quietly("one-pass prefill", prefill, quiet or Quiet()) for _ in range(repeats)
+        ]
+
+    measured = on_thread("qwen-engine", timed)
+    return {
+        "dtype": model.dtype,
+        "prompt_tokens": len(prompt_ids),
+        "prefill_ms": round(1000 * statistics.median(m.value for m in measured), 3),
+        "prefill_ms_all": [round(1000 * m.value, 3) for m in measured],
+        "cpu_stall_shares": [m.stall_share for m in measured],
+    }
 
 
 def _quietly(measured: list[Quietly[StreamTiming]]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The headline ratios (issue 3's five with their targets, issue 11's anchors) and verdicts.
+"""The headline ratios (issue 3's five with their targets, issue 11's anchors), the mixed-load
+section's five (chunked prefill, paged KV cache, fair and deadline-aware admission) and verdicts.
 
 Each ratio is computed from measurements of the same run, so machine load that slows one engine
 slows its peers in the same hour; a missing measurement gives ``None`` rather than a guess.
@@ -16,6 +17,13 @@ RATIO_KEYS = (
     "peak_rss_gb",
     "aggregate8_vs_llamacpp_q8_batched8",
 )
+MIXED_RATIO_KEYS = (
+    "join_gap_max_vs_median_step",
+    "long_prompt_ttft_vs_one_pass_prefill",
+    "mixed_peak_rss_minus_8x512_gb",
+    "light_ttft_vs_idle",
+    "deadline_refusal_ms",
+)
 FIDELITY_RATIO_KEYS = ("fidelity_bf16_vs_llamacpp_bf16", "fidelity_vs_llamacpp_q8")
 NO_Q8_MODE = "not measured: no q8 mode yet"
 TARGETS: dict[str, tuple[str, float]] = {
@@ -24,6 +32,13 @@ TARGETS: dict[str, tuple[str, float]] = {
     "aggregate8_vs_llamacpp_q8_single": (">=", 5.0),
     "service_overhead": ("<=", 0.05),
     "peak_rss_gb": ("<=", 1.5),
+}
+MIXED_TARGETS: dict[str, tuple[str, float]] = {
+    "join_gap_max_vs_median_step": ("<=", 3.0),
+    "long_prompt_ttft_vs_one_pass_prefill": ("<=", 1.3),
+    "mixed_peak_rss_minus_8x512_gb": ("<=", 0.15),
+    "light_ttft_vs_idle": ("<=", 2.0),
+    "deadline_refusal_ms": ("<=", 50.0),
 }
 
 
@@ -76,6 +91,40 @@ def compute_ratios(
     }
 
 
+def _get(record: dict[str, Any] | None, *path: str) -> Any:
+    """``record[path[0]][path[1]]...``, or ``None`` where a part is missing (or failed)."""
+    value: Any = record
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def mixed_ratios(mixed: dict[str, Any] | None) -> dict[str, float | None]:
+    """The mixed-load section's ratios (see ``bench/mixed_load.py``); its memory figure is set
+    against the peak RSS of the same run's 8 streams x 512 tokens (``baseline_8x512``)."""
+    join = _get(mixed, "server", "join")
+    fair = _get(mixed, "server", "fair")
+    peak = _get(mixed, "server", "memory", "peak_rss_bytes")
+    baseline = _get(mixed, "baseline_8x512", "peak_rss_bytes")
+    return {
+        "join_gap_max_vs_median_step": _div(
+            _get(join, "gap_ms_in_window", "max"), _get(join, "median_step_ms")
+        ),
+        "long_prompt_ttft_vs_one_pass_prefill": _div(
+            _get(join, "long", "ttft_ms"), _get(mixed, "one_pass_prefill", "prefill_ms")
+        ),
+        "mixed_peak_rss_minus_8x512_gb": (
+            None if peak is None or baseline is None else round((peak - baseline) / 1e9, 3)
+        ),
+        "light_ttft_vs_idle": _div(
+            _get(fair, "loaded", "ttft_ms_p50"), _get(fair, "idle", "ttft_ms_p50")
+        ),
+        "deadline_refusal_ms": _get(fair, "deadline", "answer_ms_p50"),
+    }
+
+
 def _pooled(engines: dict[str, dict[str, Any]], name: str) -> float | None:
     return (engines.get(name) or {}).get("pooled", {}).get("agreement")
 
@@ -99,10 +148,12 @@ def fidelity_ratios(engines: dict[str, dict[str, Any]]) -> dict[str, float | str
     }
 
 
-def check_targets(ratios: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+def check_targets(
+    ratios: dict[str, float | None], targets: dict[str, tuple[str, float]] = TARGETS
+) -> dict[str, dict[str, Any]]:
     """Each ratio next to its target and a verdict (``None`` when it was not measured)."""
     verdicts: dict[str, dict[str, Any]] = {}
-    for key, (op, bound) in TARGETS.items():
+    for key, (op, bound) in targets.items():
         value = ratios.get(key)
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
         verdicts[key] = {"value": value, "target": f"{op} {bound}", "met": met}

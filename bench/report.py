@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.fidelity_report import build_lines, render_fidelity
+from bench.mixed_report import render_mixed
+from bench.ratios import MIXED_TARGETS
 
 _LOGGER = logging.getLogger(__name__)
 _LABELS = {
@@ -70,6 +72,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for key, verdict in results["targets"].items():
+        if key in MIXED_TARGETS:
+            continue  # in the mixed-load section
         lines.append(
             f"| `{key}`: {_LABELS[key]} | {_fmt(verdict['value'], 3)} | {verdict['target']} "
             f"| {_verdict(verdict['met'])} |"
@@ -117,6 +121,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(run['server']['rss_after_load_gb'], 3)} GB, loading peak "
                 f"{_fmt(run['server']['peak_rss_loading_gb'], 3)} GB).",
             ]
+    if "mixed" in results:
+        lines += render_mixed(results)
     lines += [
         "",
         "## Single stream, in process (no gRPC)",
@@ -276,7 +282,8 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
         axis.xaxis.set_minor_locator(FixedLocator([]))
         axis.set_xlabel("concurrent streams")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # nothing to label without gRPC levels
+            axis.legend(fontsize=8)
     ttft.yaxis.set_major_formatter(ScalarFormatter())
     ttft.yaxis.set_minor_formatter(NullFormatter())
     throughput.set_ylabel("tokens / s")

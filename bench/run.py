@@ -5,7 +5,10 @@ real server and drive it over gRPC, then time the engine in process on the same 
 transformers eager ``generate`` in float32 (the seed's way); convert the weights to GGUF bf16 and
 Q8_0 and time llama.cpp, single stream and its own batched decode of 8 sequences, recording how
 it was built; measure next-token agreement with float32 on the demo model (``bench/fidelity.py``);
-compute the ratios; write ``bench/results/latest.{json,md,png}``.
+run the mixed-load scenarios through the server (``bench/mixed_load.py``: a long prompt joining
+running streams, short and long conversations' peak memory, fair and deadline-aware admission)
+with their in-process and llama.cpp anchors; compute the ratios; write
+``bench/results/latest.{json,md,png}``. ``--only mixed`` (or any section) runs that alone.
 Every baseline runs in its own process, one after another, so none competes for the two cores.
 A failing peer is recorded as an error and the run goes on.
 """
@@ -28,15 +31,18 @@ from typing import Any
 
 from bench import llamacpp
 from bench.fidelity import measure_fidelity
-from bench.grpc_bench import LoadPlan, bench_server
-from bench.inprocess import engine_single_stream, transformers_eager
+from bench.grpc_bench import LoadPlan, bench_server, rss_run
+from bench.inprocess import engine_prefill, engine_single_stream, transformers_eager
 from bench.isolate import run_isolated
 from bench.llamacpp_batched import measure_batched
 from bench.llamacpp_build import build_info
+from bench.llamacpp_mixed import measure_join
 from bench.machine import cpu_pressure, load_average, machine_info
+from bench.mixed_load import MixedServers, bench_mixed, serving_settings
+from bench.mixed_plan import MixedPlan, MixedPrompts, build_mixed_prompts
 from bench.prompts import BenchPrompt, build_prompts
 from bench.quiet import Quiet, cpu_stall_us
-from bench.ratios import check_targets, compute_ratios
+from bench.ratios import MIXED_TARGETS, TARGETS, check_targets, compute_ratios, mixed_ratios
 from bench.report import write_results
 from bench.stats import summarize
 
@@ -44,6 +50,9 @@ _LOGGER = logging.getLogger("bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BATCHED_SEQUENCES = 8
 DTYPES = ("float32", "bfloat16", "int8")
+SECTIONS = ("grpc", "engine", "transformers", "llamacpp", "fidelity", "mixed")
+LLAMACPP_N_BATCH = 512
+"""llama-cpp-python's default n_batch, and llama.cpp server's default n_ubatch."""
 
 
 def _csv_ints(raw: str) -> tuple[int, ...]:
@@ -55,6 +64,14 @@ def _csv_dtypes(raw: str) -> tuple[str, ...]:
     for name in names:
         if name not in (*DTYPES, "default"):
             raise argparse.ArgumentTypeError(f"{name!r}: choose from default, {', '.join(DTYPES)}")
+    return names
+
+
+def _sections(raw: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sections {unknown}; choose from {SECTIONS}")
     return names
 
 
@@ -156,6 +173,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: 25)",
     )
     add("--retries", type=int, default=1, help="most redos per measurement (default: 1)")
+    add(
+        "--only",
+        type=_sections,
+        default=(),
+        help=f"run only these sections, comma-separated, from {', '.join(SECTIONS)}; the "
+        "--skip-* options still apply (default: every section)",
+    )
     add("--skip-grpc", action="store_true", help="skip the server (baselines only)")
     add("--skip-transformers", action="store_true", help="skip the transformers baseline")
     add("--skip-engine", action="store_true", help="skip the in-process engine baseline")
@@ -165,8 +189,69 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the next-token agreement section (demo model)",
     )
+    add(
+        "--skip-mixed",
+        action="store_true",
+        help="skip the mixed-load section (long prompt among streams, fair admission)",
+    )
+    add(
+        "--mixed-streams",
+        type=int,
+        default=MixedPlan.streams,
+        help=f"streams a long prompt joins (default: {MixedPlan.streams})",
+    )
+    add(
+        "--mixed-short-tokens",
+        type=int,
+        default=MixedPlan.short_prompt_tokens,
+        help="prompt tokens of the mixed section's short requests "
+        f"(default: {MixedPlan.short_prompt_tokens})",
+    )
+    add(
+        "--mixed-join-tokens",
+        type=int,
+        default=MixedPlan.join_prompt_tokens,
+        help=f"the prompt joining the streams (default: {MixedPlan.join_prompt_tokens})",
+    )
+    add(
+        "--mixed-rss-tokens",
+        type=int,
+        default=MixedPlan.rss_prompt_tokens,
+        help="the long conversation of the memory scenario "
+        f"(default: {MixedPlan.rss_prompt_tokens})",
+    )
+    add(
+        "--mixed-queued",
+        type=int,
+        default=MixedPlan.queued,
+        help=f"heavy requests kept queued beyond the batch (default: {MixedPlan.queued})",
+    )
+    add(
+        "--mixed-heavy-new-tokens",
+        type=int,
+        default=MixedPlan.heavy_new_tokens,
+        help=f"new tokens per heavy and light request (default: {MixedPlan.heavy_new_tokens})",
+    )
+    add(
+        "--mixed-light-requests",
+        type=int,
+        default=MixedPlan.light_requests,
+        help=f"the light client's requests (default: {MixedPlan.light_requests})",
+    )
+    add(
+        "--mixed-llamacpp-batch",
+        type=int,
+        default=LLAMACPP_N_BATCH,
+        help="llama.cpp n_batch of the mixed anchor: decode tokens plus prompt chunk per "
+        f"llama_decode (default: {LLAMACPP_N_BATCH})",
+    )
     add("--log-level", default="INFO")
     return parser.parse_args(argv)
+
+
+def _runs(args: argparse.Namespace, section: str) -> bool:
+    """Whether ``section`` runs: named by ``--only`` (or no ``--only``), not skipped."""
+    return (not args.only or section in args.only) and not getattr(args, f"skip_{section}")
 
 
 def _quiet(args: argparse.Namespace) -> Quiet:
@@ -338,10 +423,10 @@ def _serving(
             )
             return {}
 
-        if not args.skip_engine:
+        if _runs(args, "engine"):
             _guarded(f"engine in-process {name} (before the server)", engine_baseline)
-        if args.skip_grpc:
-            grpc_runs[name] = {"error": "skipped (--skip-grpc)"}
+        if not _runs(args, "grpc"):
+            grpc_runs[name] = {"error": "skipped"}
         else:
             log_path = args.cache_dir / "bench-logs" / f"server-{name}.log"
             grpc_runs[name] = _guarded(
@@ -350,7 +435,7 @@ def _serving(
                     bench_server, model_dir, flag, prompts, plan, args.cache_dir, log_path
                 ),
             )
-        if not args.skip_engine:
+        if _runs(args, "engine"):
             _guarded(f"engine in-process {name} (after the server)", engine_baseline)
             engine_runs[name] = (
                 _merged_baselines(engine_raw)
@@ -358,6 +443,113 @@ def _serving(
                 else {"error": "the in-process engine failed on both sides of the server run"}
             )
     return grpc_runs, engine_runs
+
+
+def _mixed_plan(args: argparse.Namespace) -> MixedPlan:
+    return MixedPlan(
+        streams=args.mixed_streams,
+        short_prompt_tokens=args.mixed_short_tokens,
+        join_prompt_tokens=args.mixed_join_tokens,
+        rss_prompt_tokens=args.mixed_rss_tokens,
+        queued=args.mixed_queued,
+        heavy_new_tokens=args.mixed_heavy_new_tokens,
+        light_requests=args.mixed_light_requests,
+        call_timeout_s=args.call_timeout,
+        quiet=_quiet(args),
+    )
+
+
+def _llamacpp_join(
+    args: argparse.Namespace, model_dir: Path, prompts: MixedPrompts, plan: MixedPlan
+) -> dict[str, Any]:
+    """llama.cpp Q8_0 on the join scenario, in its own process."""
+    version = llamacpp.installed_version()
+    if version is None:
+        return {"error": "llama-cpp-python is not installed (pip install -e '.[bench]')"}
+    return run_isolated(
+        measure_join,
+        llamacpp.convert(model_dir, args.cache_dir / "bench-models", "q8_0", version),
+        [prompt.token_ids for prompt in prompts.streams],
+        prompts.join.token_ids,
+        args.mixed_llamacpp_batch,
+        plan.steady_steps,
+        plan.join_new_tokens,
+        args.llamacpp_threads,
+        quiet=_quiet(args),
+    )
+
+
+def _mixed(
+    args: argparse.Namespace,
+    run: tuple[str, str | None],
+    model_dir: Path,
+    prompts: Sequence[BenchPrompt],
+    plan: LoadPlan,
+    grpc_runs: dict[str, Any],
+) -> dict[str, Any]:
+    """The mixed-load section in the first precision mode: the server scenarios, then the
+    one-pass prefill in process and llama.cpp on the join scenario.
+
+    The memory figure is set against the gRPC section's memory run; without one (that section
+    skipped) the same run is made on the section's own server first.
+    """
+    from transformers import AutoTokenizer
+
+    name, flag = run
+    mixed_plan = _mixed_plan(args)
+    servers = MixedServers(
+        model_dir,
+        (*(() if flag is None else ("--dtype", flag)), *args.server_arg),
+        args.cache_dir,
+        args.cache_dir / "bench-logs",
+    )
+    mixed_prompts = build_mixed_prompts(
+        AutoTokenizer.from_pretrained(model_dir),
+        mixed_plan,
+        serving_settings(servers.server_args).max_batch_size,
+    )
+    baseline = grpc_runs.get(name, {}).get("rss_run")
+    source = "the gRPC section's memory run"
+    memory_baseline = None
+    if baseline is None and plan.rss_streams == 0:
+        source = "none: --rss-streams 0"
+    elif baseline is None:
+        source = "measured on this section's server first, the gRPC section having none"
+        memory_baseline = functools.partial(rss_run, prompts=prompts, plan=plan, dtype=name)
+    record: dict[str, Any] = {
+        "server": _guarded(
+            "mixed load through the server",
+            functools.partial(
+                bench_mixed, servers, mixed_prompts, mixed_plan, _guarded, memory_baseline
+            ),
+        )
+    }
+    baseline = baseline or record["server"].get("memory_8x512") or {}
+    record["baseline_8x512"] = {
+        "streams": plan.rss_streams,
+        "new_tokens": plan.rss_new_tokens,
+        "peak_rss_bytes": baseline.get("peak_rss_bytes"),
+        "peak_rss_gb": baseline.get("peak_rss_gb"),
+        "source": source,
+    }
+    record["one_pass_prefill"] = _guarded(
+        "mixed: one-pass prefill in process",
+        functools.partial(
+            run_isolated,
+            engine_prefill,
+            model_dir,
+            flag,
+            mixed_prompts.join.token_ids,
+            args.baseline_repeats,
+            quiet=_quiet(args),
+        ),
+    )
+    if not args.skip_llamacpp:
+        record["llamacpp"] = _guarded(
+            "llama.cpp q8_0 join",
+            functools.partial(_llamacpp_join, args, model_dir, mixed_prompts, mixed_plan),
+        )
+    return record
 
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
@@ -408,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = _dtype_runs(args.dtypes)
     results["primary_dtype"] = runs[0][0]
     results["grpc"], results["engine_inprocess"] = _serving(args, runs, model_dir, prompts, plan)
-    if not args.skip_transformers:
+    if _runs(args, "mixed"):
+        results["mixed"] = _mixed(args, runs[0], model_dir, prompts, plan, results["grpc"])
+    if _runs(args, "transformers"):
         results["transformers_eager"] = {
             "float32": _guarded(
                 "transformers eager float32",
@@ -424,18 +618,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             )
         }
-    if not args.skip_llamacpp:
+    if _runs(args, "llamacpp"):
         results["llamacpp"] = _llamacpp(args, model_dir, prompts)
-    if not args.skip_fidelity:
+    if _runs(args, "fidelity"):
         results["fidelity"] = _guarded("fidelity", functools.partial(_fidelity, args))
     primary = results["primary_dtype"]
-    results["ratios"] = compute_ratios(
-        results["grpc"].get(primary),
-        results["engine_inprocess"].get(primary),
-        results.get("llamacpp", {}).get("q8_0"),
-        results.get("llamacpp", {}).get(f"q8_0_batched{BATCHED_SEQUENCES}"),
-    )
-    results["targets"] = check_targets(results["ratios"])
+    results["ratios"] = {
+        **compute_ratios(
+            results["grpc"].get(primary),
+            results["engine_inprocess"].get(primary),
+            results.get("llamacpp", {}).get("q8_0"),
+            results.get("llamacpp", {}).get(f"q8_0_batched{BATCHED_SEQUENCES}"),
+        ),
+        **mixed_ratios(results.get("mixed")),
+    }
+    results["targets"] = check_targets(results["ratios"], {**TARGETS, **MIXED_TARGETS})
     results["machine"]["load_average_end"] = load_average()
     results["machine"]["cpu_pressure_avg60_end"] = cpu_pressure()
     results["duration_s"] = round(time.perf_counter() - started, 1)

@@ -91,11 +91,13 @@ def stream(
     timeout: float,
     cancel_after: int | None = None,
     first_delta: threading.Event | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> CallOutcome:
     """A StreamChat call: deltas then exactly one final, or a status.
 
     ``cancel_after`` cancels the call once that many deltas arrived (the client walks away
-    mid-stream); ``first_delta`` is set when the first delta arrives (the call is in flight).
+    mid-stream); ``first_delta`` is set when the first delta arrives (the call is in flight);
+    ``metadata`` goes with the call (``x-client-id``, say, for per-client admission).
     """
     started = time.monotonic()
     ttft: float | None = None
@@ -104,7 +106,9 @@ def stream(
     final: chat_pb2.StreamChatFinal | None = None
     after_final = 0
     call = stub.StreamChat(
-        chat_pb2.StreamChatRequest(messages=messages, options=options), timeout=timeout
+        chat_pb2.StreamChatRequest(messages=messages, options=options),
+        timeout=timeout,
+        metadata=tuple(metadata) or None,
     )
 
     def outcome(code: str, message: str = "") -> CallOutcome:

@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,23 +135,29 @@ def memory_budget(
     return MemoryBudget(idle_rss, per_token, kv_cache_tokens, activations)
 
 
-def _count(stub: chat_pb2_grpc.ChatServiceStub, text: str) -> int:
-    request = chat_pb2.CountTokensRequest(messages=calls.user_turn(text))
-    return int(stub.CountTokens(request, timeout=60.0).prompt_tokens)
+def server_count(stub: chat_pb2_grpc.ChatServiceStub) -> Callable[[str], int]:
+    """The server's CountTokens as a counter for :func:`prompt_of`."""
+
+    def count(text: str) -> int:
+        request = chat_pb2.CountTokensRequest(messages=calls.user_turn(text))
+        return int(stub.CountTokens(request, timeout=60.0).prompt_tokens)
+
+    return count
 
 
-def prompt_of(stub: chat_pb2_grpc.ChatServiceStub, tokens: int, head: str = _HEAD) -> str:
+def prompt_of(count: Callable[[str], int], tokens: int, head: str = _HEAD) -> str:
     """A user message whose chat-templated prompt is exactly ``tokens`` long.
 
     Qwen's pre-tokenizer splits each " word" into a piece of its own, so every one of
-    :data:`_WORDS` adds one token wherever it stands; the server's CountTokens confirms the
-    whole prompt once (growing it word by word, as the benchmark does, costs minutes at 16k).
+    :data:`_WORDS` adds one token wherever it stands; ``count`` (the server's CountTokens, or
+    the benchmark's own tokenizer) confirms the whole prompt once (growing it word by word
+    costs minutes at 16k).
     """
-    base = _count(stub, head)
+    base = count(head)
     if tokens < base:
         raise ValueError(f"{tokens} tokens is shorter than the chat template and {head!r}")
     text = " ".join((head, *(_WORDS[i % len(_WORDS)] for i in range(tokens - base))))
-    counted = _count(stub, text)
+    counted = count(text)
     if counted != tokens:
         raise RuntimeError(f"built a prompt of {counted} tokens instead of {tokens}")
     return text
@@ -199,9 +206,10 @@ def run_long_prompt(server: ServerProcess, plan: LongPromptPlan, model_dir: Path
         info = stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=30.0)
         limit = int(info.limits.max_prompt_tokens)
         tokens = min(plan.prompt_tokens or limit, limit)
-        long_text = prompt_of(stub, tokens)
+        count = server_count(stub)
+        long_text = prompt_of(count, tokens)
         short_texts = [
-            prompt_of(stub, plan.short_prompt_tokens, f"Stream {i + 1}: tell me a long story.")
+            prompt_of(count, plan.short_prompt_tokens, f"Stream {i + 1}: tell me a long story.")
             for i in range(plan.short_streams)
         ]
     server.idle_within(plan.idle_within_seconds)

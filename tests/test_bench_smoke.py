@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ratios import RATIO_KEYS
+from bench.ratios import MIXED_RATIO_KEYS, RATIO_KEYS
 from bench.run import main
 
 
@@ -27,6 +27,7 @@ def test_bench_writes_results_with_the_ratio_keys(cache_dir: Path, tmp_path: Pat
                 "--skip-engine",
                 "--skip-llamacpp",
                 "--skip-fidelity",
+                "--skip-mixed",
                 "--quiet-start-below",
                 "0",
             ),
@@ -36,7 +37,8 @@ def test_bench_writes_results_with_the_ratio_keys(cache_dir: Path, tmp_path: Pat
 
     assert code == 0
     results = json.loads((tmp_path / "latest.json").read_text())
-    assert tuple(results["ratios"]) == RATIO_KEYS
+    assert tuple(results["ratios"]) == (*RATIO_KEYS, *MIXED_RATIO_KEYS)
+    assert "mixed" not in results
     run = results["grpc"][results["primary_dtype"]]
     assert [level["concurrency"] for level in run["levels"]] == [1, 2]
     for level in run["levels"]:
