@@ -428,6 +428,41 @@ def test_prompts_join_running_streams_in_chunks_of_the_step_budget(
     assert max(prefills) <= chunk < len(prompts[0])
 
 
+def test_a_long_prompt_joins_short_streams_when_its_real_tokens_fit_the_budget(
+    tiny_model: LoadedModel,
+) -> None:
+    tokenizer = SharedTokenizer(tiny_model.tokenizer)
+    short = encode_with(tokenizer, "Hi.")
+    long = encode_with(tokenizer, "the sea " * 300)
+    # Seven short rows and the long one fit in real tokens; padded to the longest row, as the
+    # dense cache padded them, eight rows would need twice the budget.
+    budget = 7 * (len(short) + 200) + len(long) + 8 + 8 * 32
+    assert 8 * (len(long) + 8) > 2 * budget
+    engine = Engine(tiny_model, SchedulerLimits(kv_cache_tokens=budget), tokenizer)
+    engine.start()
+    try:
+        streams = [
+            engine.submit(GenerationRequest(f"s{i}", short, SamplingParams(200, greedy=True)))
+            for i in range(7)
+        ]
+        for stream in streams:
+            next(iter(stream))
+        text, final = collect(
+            engine.submit(GenerationRequest("long", long, SamplingParams(8, greedy=True)))
+        )
+        still_running = sum(not stream.done for stream in streams)
+        for stream in streams:
+            stream.cancel()
+    finally:
+        engine.stop()
+    assert final.usage.prompt_tokens == len(long)
+    assert still_running == 7
+
+
+def encode_with(tokenizer: SharedTokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode_chat([ChatMessage(Role.USER, text)]))
+
+
 def test_detokenizing_does_not_wait_for_a_huge_prompt_being_tokenized(
     tiny_model: LoadedModel,
 ) -> None:
