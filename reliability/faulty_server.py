@@ -94,7 +94,7 @@ def install(step_delay_seconds: float) -> None:
         return step(self, plan, *args)
 
     Engine.submit = marking_submit  # type: ignore[method-assign]
-    LoadedModel.step = failing_step  # type: ignore[method-assign]
+    LoadedModel.step = failing_step  # type: ignore[method-assign,assignment]
 
 
 def _poisoned(segment: Segment) -> bool:

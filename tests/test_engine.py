@@ -447,7 +447,7 @@ def test_a_long_prompt_joins_short_streams_when_its_real_tokens_fit_the_budget(
         ]
         for stream in streams:
             next(iter(stream))
-        text, final = collect(
+        _, final = collect(
             engine.submit(GenerationRequest("long", long, SamplingParams(8, greedy=True)))
         )
         still_running = sum(not stream.done for stream in streams)
