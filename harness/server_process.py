@@ -7,7 +7,6 @@ is its own and which stops on SIGTERM as Kubernetes stops it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -28,7 +27,8 @@ from harness.probes import health_status, metric_values, status_bytes
 _LOGGER = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE = ("-m", "qwen_grpc", "serve")
-_PR_SET_PDEATHSIG = 1
+# Every server gets SIGTERM if the harness dies (see harness.die_with_parent).
+_ORPHAN_GUARD = ("-m", "harness.die_with_parent")
 
 
 def free_port() -> int:
@@ -45,15 +45,6 @@ def server_env(cache_dir: Path | None = None) -> dict[str, str]:
         env["QWEN_GRPC_CACHE_DIR"] = str(cache_dir)
     env.setdefault("QWEN_GRPC_CACHE_DIR", str(REPO_ROOT / ".cache"))
     return env
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the parent dies, so no server outlives a killed harness."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 class ServerProcess:
@@ -111,13 +102,12 @@ class ServerProcess:
         _LOGGER.info("starting %s (log %s)", " ".join(self.command[1:]), self.log_path)
         self._started = time.monotonic()
         self._process = subprocess.Popen(
-            self.command,
+            [sys.executable, *_ORPHAN_GUARD, *self.command],
             cwd=REPO_ROOT,  # where fault-injecting launchers are importable
             env=self._env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
         )
 
     def wait_serving(self) -> None:

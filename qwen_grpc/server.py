@@ -26,6 +26,7 @@ from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
 from qwen_grpc.engine.sources import resolve_model
 from qwen_grpc.engine.types import ChatMessage, GenerationRequest, Role, SamplingParams
 from qwen_grpc.interceptors import build_interceptors
+from qwen_grpc.interceptors.drain import Drain
 from qwen_grpc.metrics import ServiceMetrics
 from qwen_grpc.reflection import CHAT_SERVICE_NAME, enable_reflection
 from qwen_grpc.service import ChatServicer, ModelRuntime
@@ -54,11 +55,12 @@ class QwenServer:
         self.metrics_port: int | None = None
         self._metrics_http: WSGIServer | None = None
         self._watchdog: EngineWatchdog | None = None
+        self._drain = Drain()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.handler_threads, thread_name_prefix="grpc-handler"
             ),
-            interceptors=build_interceptors(settings, self.metrics),
+            interceptors=build_interceptors(settings, self.metrics, self._drain),
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -152,7 +154,10 @@ class QwenServer:
             _LOGGER.info("draining until every call has ended")
         else:
             _LOGGER.info("draining for up to %.0f s", grace)
-        self._grpc.stop(threading.TIMEOUT_MAX if grace is None else grace).wait()
+        if not self._drain.close(grace):
+            _LOGGER.warning("the grace period ended with chat calls in flight: cutting them")
+        # Chat calls are over (or out of time); what is left, such as health watches, ends now.
+        self._grpc.stop(0).wait()
         if self._watchdog is not None:
             self._watchdog.stop()
         if self.engine is not None:

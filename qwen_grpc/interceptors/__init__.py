@@ -7,6 +7,7 @@
    access log: sees every outcome, including the refusals of the interceptors below it;
 2. errors: no stray exception reaches the caller as UNKNOWN;
    malformed: bytes that do not parse are INVALID_ARGUMENT, not gRPC's INTERNAL;
+   drain (when given one): chat calls during a shutdown are UNAVAILABLE, so clients retry;
 3. auth (when tokens are configured): who is calling, before anything is spent on them;
 4. deadlines: a hopeless call is refused before it takes a rate-limit token or a slot;
 5. rate limit: per-client token bucket and the global cap on concurrent generations.
@@ -20,6 +21,7 @@ from qwen_grpc.config import Settings
 from qwen_grpc.interceptors.access_log import AccessLogInterceptor, CallObserver
 from qwen_grpc.interceptors.auth import AuthInterceptor, BearerTokens
 from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
+from qwen_grpc.interceptors.drain import Drain, DrainInterceptor
 from qwen_grpc.interceptors.errors import ErrorInterceptor
 from qwen_grpc.interceptors.malformed import MalformedRequestInterceptor
 from qwen_grpc.interceptors.rate_limit import RateLimitInterceptor, TokenBuckets
@@ -29,7 +31,7 @@ __all__ = ["build_interceptors"]
 
 
 def build_interceptors(
-    settings: Settings, observer: CallObserver | None = None
+    settings: Settings, observer: CallObserver | None = None, drain: Drain | None = None
 ) -> list[grpc.ServerInterceptor]:
     """The interceptor chain the settings ask for, in the order above."""
     chain: list[grpc.ServerInterceptor] = [
@@ -38,6 +40,8 @@ def build_interceptors(
         ErrorInterceptor(),
         MalformedRequestInterceptor(),
     ]
+    if drain is not None:
+        chain.append(DrainInterceptor(drain))
     tokens = BearerTokens.from_sources(settings.auth_tokens_file, settings.auth_tokens)
     if tokens:
         chain.append(AuthInterceptor(tokens))
