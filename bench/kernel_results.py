@@ -1,7 +1,7 @@
 """``bench/results/kernels.{json,md}``: one file pair that several kernel benches fill in.
 
 Each bench owns some top-level keys of the JSON record (``kernel_bench``: the q8 linears;
-``kv_bench``: ``decode_attention``) and replaces only those, so running one bench keeps the
+``kv_bench``: ``decode_attention``, the paged cache's kernel) and replaces only those, so running one bench keeps the
 other's last numbers; the Markdown is rendered from the merged record every time.
 """
 
@@ -70,7 +70,9 @@ def _render_attention(section: dict[str, Any]) -> str:
         _machine_line(section["machine"]),
         f"{section['kernel_path']}. One pass = decode attention of one token per row in all "
         f"{section['layers']} layers (distinct caches, cold), batch {section['batch']}, every "
-        "column visible; median of the passes. `bf16_two_bmm` is `Decoder._attend_one`; "
+        "row `capacity` tokens long; median of the passes, the kernels of a row group timed in "
+        "turn. `paged_*` read the paged pools (blocks of 32 tokens scattered over the pool); "
+        "`dense_bf16_two_bmm` is the dense, padded cache's two batched matmuls they replaced; "
         "`quantize_kv` (native) and `quantize_kv_torch` are the per-step cost of quantizing "
         "the new keys and values (2 calls per layer).",
         "",

@@ -343,3 +343,24 @@ def test_a_used_block_id_outside_the_pool_raises_value_error(dim: int, bad_id: i
     table[2, 2] = bad_id
     with pytest.raises(ValueError, match="block"):
         kernels.paged_decode_attention(*inputs._replace(block_table=table), 0.125)
+
+
+def test_int8_attention_stays_close_to_unquantized_attention() -> None:
+    # The int8 cache's whole error, one row of 200 tokens in blocks of 32: within 2 %.
+    generator = torch.Generator().manual_seed(11)
+    queries = torch.randn(1, 16, 64, generator=generator)
+    keys, values = torch.randn(2, 16, 200, 64, generator=generator)
+    scores = torch.einsum("hd,hcd->hc", queries[0], keys) * 0.125
+    exact = torch.einsum("hc,hcd->hd", torch.softmax(scores, dim=-1), values)
+    blocks = -(-200 // 32)
+
+    def pool(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = torch.zeros(16, blocks * 32, 64)
+        padded[:, :200] = states
+        quantized, scales = kernels.quantize_kv(padded.view(16, blocks, 32, 64).transpose(0, 1))
+        return quantized.contiguous(), scales.contiguous()
+
+    table = torch.arange(blocks, dtype=torch.int32).view(1, blocks)
+    lengths = torch.tensor([200], dtype=torch.int32)
+    out = kernels.paged_decode_attention(queries, *pool(keys), *pool(values), table, lengths, 0.125)
+    assert float((out[0] - exact).norm() / exact.norm()) < 0.02

@@ -10,8 +10,7 @@ implementation of the same arithmetic does (``reference.py``). Both read one pac
 One :class:`Q8Weight` can back both a tied LM head (:meth:`Q8Weight.linear`) and the embedding
 (:meth:`Q8Weight.rows`): one int8 copy instead of two.
 
-The int8 KV cache has its quantizer (:func:`quantize_kv`) and the decode attention that reads
-it (:func:`decode_attention`): ``kv.cpp`` natively, ``kv_layout.py`` and ``kv_reference.py``
+The int8 KV cache has its quantizer (:func:`quantize_kv`): ``kv.cpp`` natively, ``kv_layout.py``
 otherwise, built into the same extension under the same path decision.
 
 :func:`paged_decode_attention` is decode attention over a paged cache: pools of fixed-size
@@ -32,7 +31,6 @@ import torch
 from qwen_grpc.engine.kernels import (
     bf16_layout,
     kv_layout,
-    kv_reference,
     layout,
     native,
     paged_reference,
@@ -43,7 +41,6 @@ from qwen_grpc.engine.kernels.kv_layout import dequantize_kv
 __all__ = [
     "Bf16Weight",
     "Q8Weight",
-    "decode_attention",
     "dequantize_kv",
     "kernel_path",
     "native_available",
@@ -187,52 +184,6 @@ def quantize_kv(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values, scales = torch.ops.qwen_q8.quantize_kv(states.contiguous())
         return values, scales
     return kv_layout.quantize_kv(states)
-
-
-def decode_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    key_scales: torch.Tensor,
-    values: torch.Tensor,
-    value_scales: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Attention of one query token per row over an int8 KV cache, in float32.
-
-    Args:
-        queries: ``[B, H, D]`` (float32; bf16 is converted).
-        keys: int8 ``[B, KVH, C, D]`` from :func:`quantize_kv`, with ``key_scales [B, KVH, C]``.
-        values: int8 ``[B, KVH, C, D]``, with ``value_scales [B, KVH, C]``.
-        bias: float32 ``[B, C]``, added to the scores: 0 for visible columns, -inf for
-            padding and unwritten ones (which are then never read).
-        scale: the softmax scale, usually ``1 / sqrt(D)``.
-
-    Returns:
-        float32 ``[B, H, D]``. Query head ``h`` reads kv head ``h // (H // KVH)``; a row with
-        no visible column gives zeros. Native when the extension runs and ``D`` is a multiple
-        of 16 up to 256, the torch fallback otherwise.
-    """
-    if queries.dim() != 3 or keys.dim() != 4 or queries.shape[1] % keys.shape[1]:
-        raise ValueError(
-            f"expected queries [B, H, D] and keys [B, KVH, C, D] with H a multiple of KVH, "
-            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
-        )
-    queries = queries.float().contiguous()
-    head_dim = queries.shape[-1]
-    if _native_head_dim(head_dim):
-        return torch.ops.qwen_q8.decode_attention(
-            queries,
-            keys.contiguous(),
-            key_scales.float().contiguous(),
-            values.contiguous(),
-            value_scales.float().contiguous(),
-            bias.float().contiguous(),
-            float(scale),
-        )
-    return kv_reference.decode_attention(
-        queries, keys, key_scales, values, value_scales, bias.float(), scale
-    )
 
 
 def paged_decode_attention(

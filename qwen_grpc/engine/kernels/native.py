@@ -4,7 +4,7 @@ The extension is compiled with ``torch.utils.cpp_extension.load`` into a directo
 sha256 of the source, the flags and the torch version, so a second process (or ``make install``
 having run ``python -m qwen_grpc.engine.kernels``) loads it without compiling. Its ops are
 registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows`` from ``q8.cpp``,
-``.decode_attention`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``,
+``.quantize_kv`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``,
 ``.paged_decode_attention`` from ``paged.cpp``, one library built from all four): the
 dispatcher checks the schema, and no pybind11 headers are compiled.
 ``at::parallel_for`` inside it runs on torch's own OpenMP pool, so ``torch.set_num_threads``

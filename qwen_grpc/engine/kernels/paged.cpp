@@ -8,7 +8,7 @@
 // past ceil(length / BS) are never read (they may hold -1), nor are the slots of the last
 // block past the length, so whatever sits in them (NaN included) cannot reach the output.
 //
-// Arithmetic, all float32, as kv.cpp's dense kernel: every element is widened exactly (int8
+// Arithmetic, all float32: every element is widened exactly (int8
 // and bf16 to float32), score = (q . k) * key_scale * softmax_scale, softmax with the max
 // trick over the visible tokens, output = sum_t p_t * v_t * value_scale / sum_t p_t. A row
 // with length 0 gives zeros. Float pools have no scales (a scale of 1 in the formulas).

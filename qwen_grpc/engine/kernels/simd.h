@@ -1,4 +1,4 @@
-// AVX512 helpers shared by the attention kernels (kv.cpp, paged.cpp): element loads that widen
+// AVX512 helpers shared by the KV kernels (kv.cpp, paged.cpp): element loads that widen
 // int8 / bf16 / float32 to float32 exactly, the 16-way horizontal reduction that turns 16 dot
 // products into one vector of scores, and the exp used by their softmax. Header-only and
 // inline so each translation unit keeps its own copy inside the extension; native.py hashes
