@@ -75,7 +75,7 @@ class Settings:
         },
     )
     prefill_chunk_tokens: int = field(
-        default=64,
+        default=48,
         metadata={
             "help": "prompt tokens a forward pass takes beside the running streams' decode "
             "tokens: how much longer their step gets while a prompt joins"

@@ -428,6 +428,59 @@ def test_prompts_join_running_streams_in_chunks_of_the_step_budget(
     assert max(prefills) <= chunk < len(prompts[0])
 
 
+def test_a_clients_prompt_is_not_held_back_by_another_clients_backlog_of_prompts(
+    tiny_model: LoadedModel,
+) -> None:
+    # Clients share each step's prompt budget: the light client's prompt prefills beside the
+    # heavy client's oldest one, not after all three.
+    tokenizer = SharedTokenizer(tiny_model.tokenizer)
+    prompt = tuple(
+        tokenizer.encode_chat([ChatMessage(Role.USER, "Tell me about the sea and every fish.")])
+    )
+    engine = Engine(tiny_model, SchedulerLimits(prefill_chunk_tokens=8), tokenizer)
+    engine.start()
+    first_tokens: list[str] = []
+    lock = threading.Lock()
+
+    def record_first_token(name: str, handle: RequestHandle) -> None:
+        next(iter(handle))
+        with lock:
+            first_tokens.append(name)
+
+    try:
+        running = engine.submit(GenerationRequest("r", prompt, SamplingParams(400, greedy=True)))
+        next(iter(running))
+        params = SamplingParams(4, greedy=True)
+        with StepGate(engine) as gate:
+            gate.hold()
+            assert gate.held.wait(30), "the running stream never decoded"
+            handles = {
+                name: engine.submit(GenerationRequest(name, prompt, params, client="heavy"))
+                for name in ("heavy-0", "heavy-1", "heavy-2")
+            }
+            gate.release()  # one step: the heavy prompts join the batch, ahead of the light one
+            gate.hold()
+            admitted = gate.wait_for(lambda: gate.held.is_set() and engine.queued_requests == 0)
+            assert admitted, "the heavy prompts never joined the batch"
+            handles["light"] = engine.submit(
+                GenerationRequest("light", prompt, params, client="light")
+            )
+            watchers = [
+                threading.Thread(target=record_first_token, args=item) for item in handles.items()
+            ]
+            for watcher in watchers:
+                watcher.start()
+            gate.release()
+            for watcher in watchers:
+                watcher.join(60)
+        running.cancel()
+    finally:
+        engine.stop()
+    assert len(prompt) > 3 * 8
+    assert first_tokens.index("light") < first_tokens.index("heavy-1"), first_tokens
+    assert first_tokens.index("light") < first_tokens.index("heavy-2"), first_tokens
+
+
 def test_a_long_prompt_joins_short_streams_when_its_real_tokens_fit_the_budget(
     tiny_model: LoadedModel,
 ) -> None:

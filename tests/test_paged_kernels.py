@@ -364,3 +364,35 @@ def test_int8_attention_stays_close_to_unquantized_attention() -> None:
     lengths = torch.tensor([200], dtype=torch.int32)
     out = kernels.paged_decode_attention(queries, *pool(keys), *pool(values), table, lengths, 0.125)
     assert float((out[0] - exact).norm() / exact.norm()) < 0.02
+
+
+@pytest.fixture(params=["native", "fallback"])
+def either_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs the test on the native kernels, then with them switched off."""
+    if request.param == "native" and not kernels.native_available():
+        pytest.skip(f"native path unavailable: {kernels.kernel_path()}")
+    if request.param == "fallback":
+        monkeypatch.setattr(kernels, "_native_head_dim", lambda _dim: False)
+
+
+@pytest.mark.usefixtures("either_path")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_rows_history_reads_back_exactly_what_its_blocks_hold(dtype: torch.dtype) -> None:
+    inputs = _paged(8, 8, 4, 64, 16, dtype, seed=3)
+    for row, length in enumerate(inputs.lengths.tolist()):
+        table_row = inputs.block_table[row]
+        out = kernels.paged_history(inputs.keys, inputs.key_scales, table_row, length, room=5)
+        assert out.shape == (4, length + 5, 64) and out.dtype == torch.float32
+        if length:
+            ids = table_row[: -(-length // 16)].long()
+            expected = paged_reference.gather_tokens(inputs.keys, inputs.key_scales, ids, length)
+            assert torch.equal(out[:, :length], expected)
+
+
+@pytest.mark.usefixtures("either_path")
+def test_a_history_block_outside_the_pool_is_a_value_error() -> None:
+    inputs = _paged(1, 8, 4, 64, 16, torch.int8, seed=3)
+    table_row = inputs.block_table[0].clone()
+    table_row[0] = 1000
+    with pytest.raises(ValueError, match="outside"):
+        kernels.paged_history(inputs.keys, inputs.key_scales, table_row, 20, room=0)

@@ -206,9 +206,11 @@ class Decoder:
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)
         mask: torch.Tensor | None = None
         if chunk.position:
-            past_keys, past_values = pool.history(chunk.blocks, chunk.position)
-            keys = torch.cat([past_keys, keys], dim=1)
-            values = torch.cat([past_values, values], dim=1)
+            # The history lands in buffers with room for the chunk: no concatenation copies it.
+            all_keys, all_values = pool.history(chunk.blocks, chunk.position, chunk.count)
+            all_keys[:, chunk.position :] = keys
+            all_values[:, chunk.position :] = values
+            keys, values = all_keys, all_values
             query_positions = torch.arange(chunk.position, chunk.position + chunk.count)
             mask = torch.arange(keys.shape[1]) <= query_positions.unsqueeze(-1)
         attended = functional.scaled_dot_product_attention(

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from qwen_grpc.engine.kernels import dequantize_kv, quantize_kv
+from qwen_grpc.engine.kernels import paged_history, quantize_kv
 from qwen_grpc.engine.memory import release_free_memory
 
 BLOCK_TOKENS = 32
@@ -86,19 +86,22 @@ class LayerPool:
             rows = pool.view(-1, *pool.shape[3:])
             rows.index_copy_(0, slots, part.reshape(-1, *part.shape[2:]))
 
-    def history(self, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A row's first ``length`` keys and values as float32 ``[kv_heads, length, head_dim]``."""
-        gathered = [_row_major(pool[blocks])[:, :length] for pool in self.parts()]
+    def history(
+        self, blocks: torch.Tensor, length: int, room: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's first ``length`` keys and values as float32 ``[kv_heads, length + room,
+        head_dim]``, the last ``room`` tokens left for the caller (see :func:`paged_history`)."""
+        parts = self.parts()
         if self.quantized:
-            keys, key_scales, values, value_scales = gathered
-            return dequantize_kv(keys, key_scales), dequantize_kv(values, value_scales)
-        return gathered[0].float(), gathered[1].float()
-
-
-def _row_major(blocks: torch.Tensor) -> torch.Tensor:
-    """``[n, kv_heads, BLOCK_TOKENS, ...]`` to ``[kv_heads, n * BLOCK_TOKENS, ...]``."""
-    joined = blocks.transpose(0, 1)
-    return joined.reshape(joined.shape[0], -1, *joined.shape[3:])
+            keys, key_scales, values, value_scales = parts
+            return (
+                paged_history(keys, key_scales, blocks, length, room),
+                paged_history(values, value_scales, blocks, length, room),
+            )
+        return (
+            paged_history(parts[0], None, blocks, length, room),
+            paged_history(parts[1], None, blocks, length, room),
+        )
 
 
 class PagedKVCache:

@@ -72,7 +72,7 @@ class SchedulerLimits:
     max_prefill_tokens: int = 4096
     """Prompt tokens in one forward pass while no sequence is decoding; longer prompts prefill
     in several passes."""
-    prefill_chunk_tokens: int = 64
+    prefill_chunk_tokens: int = 48
     """Prompt tokens a forward pass takes beside running sequences' decode tokens: the longer
     step every running stream sees while a prompt joins."""
 
@@ -379,9 +379,7 @@ class Engine:
         pass of decode tokens alone that fails takes its rows with it.
         """
         decoding = [seq for seq in self._rows if seq.decoding]
-        chunks = self._prompt_chunks(
-            self.limits.prefill_chunk_tokens if decoding else self.limits.max_prefill_tokens
-        )
+        chunks = self._prompt_chunks(self._prompt_budget())
         segments = [Segment.next_token(_row(seq), [seq.last_token]) for seq in decoding]
         segments += [segment for _, segment in chunks]
         started = time.perf_counter()
@@ -410,21 +408,58 @@ class Engine:
         self.last_progress = time.monotonic()
         self._drop_rows_that_left(time.monotonic())
 
+    def _prompt_budget(self) -> int:
+        """Prompt tokens the next pass may take: a chunk beside decoding rows, else a prefill."""
+        if any(seq.decoding for seq in self._rows):
+            return self.limits.prefill_chunk_tokens
+        return self.limits.max_prefill_tokens
+
     def _prompt_chunks(self, budget: int) -> list[tuple[_Sequence, Segment]]:
-        """The next pieces of the prompts being prefilled, oldest first, within ``budget``."""
+        """The next pieces of the prompts being prefilled, ``budget`` tokens at most.
+
+        Clients share the budget equally, and a client's share goes to its prompts oldest
+        first; what a client cannot use goes to the others. So one client's backlog of prompts
+        does not hold back another client's prompt, as the queue's turns do not either.
+        """
+        waiting: dict[str, list[_Sequence]] = {}
+        for seq in self._rows:
+            if not seq.decoding:
+                waiting.setdefault(seq.request.client, []).append(seq)
+        taken: dict[int, int] = {}
+        left = budget
+        while left > 0 and waiting:
+            share = max(1, left // len(waiting))
+            for client in list(waiting):
+                left -= self._spend(share, waiting[client], taken)
+                if not waiting[client]:
+                    del waiting[client]
         chunks: list[tuple[_Sequence, Segment]] = []
         for seq in self._rows:
-            if budget <= 0:
-                break
-            if seq.decoding:
+            count = taken.get(id(seq), 0)
+            if count == 0:
                 continue
             prompt = seq.request.prompt_ids
-            piece = prompt[seq.prefilled : seq.prefilled + budget]
-            budget -= len(piece)
-            done = seq.prefilled + len(piece) == len(prompt)
+            piece = prompt[seq.prefilled : seq.prefilled + count]
+            done = seq.prefilled + count == len(prompt)
             segment = Segment.next_token if done else Segment.inner
             chunks.append((seq, segment(_row(seq), piece)))
         return chunks
+
+    @staticmethod
+    def _spend(allowance: int, prompts: list[_Sequence], taken: dict[int, int]) -> int:
+        """Gives ``prompts`` (oldest first) up to ``allowance`` tokens, recording them in
+        ``taken``; drops prompts that are then whole; returns how many it gave."""
+        spent = 0
+        while prompts and spent < allowance:
+            seq = prompts[0]
+            remaining = len(seq.request.prompt_ids) - seq.prefilled - taken.get(id(seq), 0)
+            count = min(remaining, allowance - spent)
+            taken[id(seq)] = taken.get(id(seq), 0) + count
+            spent += count
+            if count < remaining:
+                break
+            prompts.pop(0)
+        return spent
 
     def _observe_step(self, decode_rows: int, prompt_tokens: int, started: float) -> None:
         """Reports the pass as a decode step, a prefill, or both (one pass did both), to the

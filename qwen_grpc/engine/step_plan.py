@@ -48,7 +48,7 @@ class Chunk:
     position: int
     """The row's length before the chunk, i.e. the first token's position."""
     blocks: torch.Tensor
-    """The row's block ids covering ``position + count`` tokens."""
+    """The row's block ids (int32) covering ``position + count`` tokens."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def plan_step(cache: PagedKVCache, segments: Sequence[Segment]) -> StepPlan:
             covered = cache.blocks_for(row.length + count)
             chunks.append(
                 Chunk(
-                    start, count, row.length, torch.tensor(row.blocks[:covered], dtype=torch.long)
+                    start, count, row.length, torch.tensor(row.blocks[:covered], dtype=torch.int32)
                 )
             )
     return StepPlan(

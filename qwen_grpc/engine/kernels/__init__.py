@@ -16,7 +16,9 @@ otherwise, built into the same extension under the same path decision.
 :func:`paged_decode_attention` is decode attention over a paged cache: pools of fixed-size
 blocks (int8 with scales, float32 or bfloat16) and a block table per row, so rows of any
 length share one pool without a dense ``[B, KVH, C, D]`` buffer sized for the longest.
-``paged.cpp`` natively, ``paged_reference.py`` (the spec) otherwise.
+``paged.cpp`` natively, ``paged_reference.py`` (the spec) otherwise. :func:`paged_history`
+reads a row's tokens back out of such pools in float32, for a prompt chunk's attention:
+``history.cpp`` natively, the same reference otherwise.
 
 :class:`Bf16Weight` (:func:`pack_bf16`) keeps a weight in bf16, the bytes decode streams, but
 computes in float32: each weight converted exactly, float32 activations, accumulation and
@@ -46,6 +48,7 @@ __all__ = [
     "native_available",
     "pack_bf16",
     "paged_decode_attention",
+    "paged_history",
     "quantize_kv",
     "quantize_q8",
 ]
@@ -238,6 +241,29 @@ def paged_decode_attention(
     return paged_reference.paged_decode_attention(
         queries, keys, key_scales, values, value_scales, block_table, lengths, scale
     )
+
+
+def paged_history(
+    pool: torch.Tensor,
+    scales: torch.Tensor | None,
+    blocks: torch.Tensor,
+    length: int,
+    room: int,
+) -> torch.Tensor:
+    """A row's first ``length`` tokens of one pool as float32 ``[KVH, length + room, D]``.
+
+    ``blocks`` (int32) are the row's block ids in order; int8 pools are de-quantized with their
+    ``scales``, exactly as :func:`dequantize_kv` does. The last ``room`` tokens are left for the
+    caller to fill (a chunk's own keys), so no concatenation copies the history again.
+    """
+    kv_heads, _, head_dim = pool.shape[1:]
+    out = torch.empty(kv_heads, length + room, head_dim, dtype=torch.float32)
+    if _native_head_dim(head_dim) and pool.dtype in _POOL_DTYPES:
+        torch.ops.qwen_q8.paged_history(pool, scales, blocks.int().contiguous(), length, out)
+    elif length:
+        ids = paged_reference.used_blocks(blocks, length, pool.shape[2], pool.shape[0], 0)
+        out[:, :length] = paged_reference.gather_tokens(pool, scales, ids, length)
+    return out
 
 
 def _check_paged(

@@ -5,7 +5,8 @@ sha256 of the source, the flags and the torch version, so a second process (or `
 having run ``python -m qwen_grpc.engine.kernels``) loads it without compiling. Its ops are
 registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows`` from ``q8.cpp``,
 ``.quantize_kv`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``,
-``.paged_decode_attention`` from ``paged.cpp``, one library built from all four): the
+``.paged_decode_attention`` from ``paged.cpp``, ``.paged_history`` from ``history.cpp``, one
+library built from all five): the
 dispatcher checks the schema, and no pybind11 headers are compiled.
 ``at::parallel_for`` inside it runs on torch's own OpenMP pool, so ``torch.set_num_threads``
 applies.
@@ -28,7 +29,8 @@ import torch
 _LOGGER = logging.getLogger(__name__)
 
 _SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("q8.cpp", "kv.cpp", "bf16.cpp", "paged.cpp")
+    Path(__file__).with_name(name)
+    for name in ("q8.cpp", "kv.cpp", "bf16.cpp", "paged.cpp", "history.cpp")
 )
 # Included by the sources, not compiled on their own; hashed so that editing one rebuilds.
 _HEADERS = (Path(__file__).with_name("simd.h"),)
