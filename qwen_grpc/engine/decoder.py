@@ -175,7 +175,7 @@ class Decoder:
     ) -> torch.Tensor:
         """One query per row over its blocks, the new token included: the paged decode kernel
         reads each row's own length (int8 or float pools), scores and softmax in float32."""
-        keys, key_scales, values, value_scales = _pool_operands(pool)
+        keys, key_scales, values, value_scales = pool.operands()
         return paged_decode_attention(
             queries,
             keys,
@@ -223,16 +223,6 @@ class Decoder:
             enable_gqa=self.shape.kv_heads != self.shape.heads,
         )
         return attended[0].transpose(0, 1)
-
-
-def _pool_operands(
-    pool: LayerPool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    parts = pool.parts()
-    if pool.quantized:
-        keys, key_scales, values, value_scales = parts
-        return keys, key_scales, values, value_scales
-    return parts[0], None, parts[1], None
 
 
 def build_decoder(

@@ -86,21 +86,26 @@ class LayerPool:
             rows = pool.view(-1, *pool.shape[3:])
             rows.index_copy_(0, slots, part.reshape(-1, *part.shape[2:]))
 
+    def operands(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``(keys, key_scales, values, value_scales)`` as the paged kernels take them: the
+        scales ``None`` for a float pool."""
+        parts = self.parts()
+        if self.quantized:
+            keys, key_scales, values, value_scales = parts
+            return keys, key_scales, values, value_scales
+        return parts[0], None, parts[1], None
+
     def history(
         self, blocks: torch.Tensor, length: int, room: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's first ``length`` keys and values as float32 ``[kv_heads, length + room,
         head_dim]``, the last ``room`` tokens left for the caller (see :func:`paged_history`)."""
-        parts = self.parts()
-        if self.quantized:
-            keys, key_scales, values, value_scales = parts
-            return (
-                paged_history(keys, key_scales, blocks, length, room),
-                paged_history(values, value_scales, blocks, length, room),
-            )
+        keys, key_scales, values, value_scales = self.operands()
         return (
-            paged_history(parts[0], None, blocks, length, room),
-            paged_history(parts[1], None, blocks, length, room),
+            paged_history(keys, key_scales, blocks, length, room),
+            paged_history(values, value_scales, blocks, length, room),
         )
 
 

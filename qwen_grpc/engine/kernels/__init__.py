@@ -252,14 +252,14 @@ def paged_history(
 ) -> torch.Tensor:
     """A row's first ``length`` tokens of one pool as float32 ``[KVH, length + room, D]``.
 
-    ``blocks`` (int32) are the row's block ids in order; int8 pools are de-quantized with their
+    ``blocks`` (int32, as plans hold them) are the row's block ids in order; int8 pools are de-quantized with their
     ``scales``, exactly as :func:`dequantize_kv` does. The last ``room`` tokens are left for the
     caller to fill (a chunk's own keys), so no concatenation copies the history again.
     """
     kv_heads, _, head_dim = pool.shape[1:]
     out = torch.empty(kv_heads, length + room, head_dim, dtype=torch.float32)
     if _native_head_dim(head_dim) and pool.dtype in _POOL_DTYPES:
-        torch.ops.qwen_q8.paged_history(pool, scales, blocks.int().contiguous(), length, out)
+        torch.ops.qwen_q8.paged_history(pool, scales, blocks.contiguous(), length, out)
     elif length:
         ids = paged_reference.used_blocks(blocks, length, pool.shape[2], pool.shape[0], 0)
         out[:, :length] = paged_reference.gather_tokens(pool, scales, ids, length)
