@@ -135,18 +135,19 @@ def test_an_all_zero_block_gives_zero_not_nan() -> None:
     assert torch.allclose(out, _q8_reference(x, weight, None).float(), rtol=1e-5, atol=1e-5)
 
 
-def test_forcing_torch_selects_the_fallback_with_the_same_results(tmp_path: Path) -> None:
+def test_forcing_torch_or_vnni_selects_that_path_with_the_same_results(tmp_path: Path) -> None:
     script = (
         "import torch\n"
         "from qwen_grpc.engine import kernels\n"
         "torch.manual_seed(0)\n"
         "q = kernels.quantize_q8(torch.randn(100, 1024), torch.randn(100))\n"
-        "x = torch.randn(8, 1024)\n"
+        "x = torch.randn(40, 1024)\n"
+        "out = [q.linear(x[:m]) for m in (1, 3, 4, 8, 16, 17, 40)]\n"
         "torch.save({'native': kernels.native_available(), 'path': kernels.kernel_path(),"
-        " 'out': q.linear(x)}, __import__('sys').argv[1])\n"
+        " 'out': out}, __import__('sys').argv[1])\n"
     )
     results = {}
-    for mode in ("torch", "auto"):
+    for mode in ("torch", "vnni", "auto"):
         target = tmp_path / f"{mode}.pt"
         env = {**os.environ, native.FORCE_ENV: mode}
         subprocess.run(
@@ -156,8 +157,15 @@ def test_forcing_torch_selects_the_fallback_with_the_same_results(tmp_path: Path
     assert results["torch"]["native"] is False
     assert "torch fallback" in results["torch"]["path"]
     assert results["auto"]["native"] is kernels.native_available()
-    forced, auto = results["torch"]["out"], results["auto"]["out"]
-    assert float((forced - auto).abs().max()) < 1e-5 * float(auto.abs().max())
+    assert "AMX" not in results["vnni"]["path"]
+    # AMX tiles run batches where the CPU has them; same integers, same float steps, same bits.
+    has_amx = {"amx_tile", "amx_int8"} <= native.cpu_flags()
+    assert ("AMX-INT8" in results["auto"]["path"]) is (has_amx and kernels.native_available())
+    for forced, vnni, auto in zip(
+        *(results[m]["out"] for m in ("torch", "vnni", "auto")), strict=True
+    ):
+        assert torch.equal(vnni, auto)
+        assert float((forced - auto).abs().max()) < 1e-5 * float(auto.abs().max())
 
 
 def test_a_cpu_without_vnni_is_sent_to_the_fallback(tmp_path: Path) -> None:
@@ -183,4 +191,5 @@ def test_a_built_library_loads_where_no_compiler_is_installed() -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "native AVX512-VNNI extension (prebuilt in" in done.stdout
+    assert "native AVX512-VNNI extension" in done.stdout
+    assert "(prebuilt in" in done.stdout

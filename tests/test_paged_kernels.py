@@ -1,4 +1,4 @@
-"""Paged decode attention: native against the torch fallback and a float64 dense reference."""
+"""Paged decode and chunk attention: native and the torch fallback against float64 dense references."""
 
 from __future__ import annotations
 
@@ -375,24 +375,115 @@ def either_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(kernels, "_native_head_dim", lambda _dim: False)
 
 
+def _chunk_inputs(
+    position: int, count: int, heads: int, kv_heads: int, dtype: torch.dtype, seed: int
+) -> tuple[Paged, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pool holding one row of ``position + count`` tokens (its history), the row's block ids
+    (int32), and a chunk's queries, keys and values."""
+    inputs = _paged(1, heads, kv_heads, 64, 16, dtype, seed, lengths=[position + count])
+    generator = torch.Generator().manual_seed(seed + 1)
+    queries = torch.randn(count, heads, 64, generator=generator)
+    own_keys, own_values = torch.randn(2, count, kv_heads, 64, generator=generator)
+    return inputs, queries, own_keys, own_values
+
+
+def _dense_chunk(
+    inputs: Paged,
+    queries: torch.Tensor,
+    own_keys: torch.Tensor,
+    own_values: torch.Tensor,
+    position: int,
+) -> torch.Tensor:
+    """float64 causal attention over the gathered history and the chunk, written out."""
+    count, heads, _ = queries.shape
+    kv_heads = own_keys.shape[1]
+    ids = inputs.block_table[0, : -(-max(position, 1) // 16)].long()
+    history = [
+        paged_reference.gather_tokens(pool, scales, ids, position).transpose(0, 1)
+        for pool, scales in (
+            (inputs.keys, inputs.key_scales),
+            (inputs.values, inputs.value_scales),
+        )
+    ]
+    keys = torch.cat([history[0], own_keys]).double()
+    values = torch.cat([history[1], own_values]).double()
+    kv = torch.arange(heads) // (heads // kv_heads)
+    scores = torch.einsum("chd,thd->hct", queries.double(), keys[:, kv]) * 0.125
+    visible = torch.arange(position + count) <= torch.arange(position, position + count)[:, None]
+    weights = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
+    return torch.einsum("hct,thd->chd", weights, values[:, kv])
+
+
 @pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_rows_history_reads_back_exactly_what_its_blocks_hold(dtype: torch.dtype) -> None:
-    inputs = _paged(8, 8, 4, 64, 16, dtype, seed=3)
-    for row, length in enumerate(inputs.lengths.tolist()):
-        table_row = inputs.block_table[row]
-        out = kernels.paged_history(inputs.keys, inputs.key_scales, table_row, length, room=5)
-        assert out.shape == (4, length + 5, 64) and out.dtype == torch.float32
-        if length:
-            ids = table_row[: -(-length // 16)].long()
-            expected = paged_reference.gather_tokens(inputs.keys, inputs.key_scales, ids, length)
-            assert torch.equal(out[:, :length], expected)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (9, 3), (4, 4)])
+@pytest.mark.parametrize(("position", "count"), [(0, 1), (0, 37), (15, 2), (16, 17), (100, 48)])
+def test_a_chunk_attends_causally_over_its_history_and_itself(
+    dtype: torch.dtype, heads: int, kv_heads: int, position: int, count: int
+) -> None:
+    inputs, queries, own_keys, own_values = _chunk_inputs(
+        position, count, heads, kv_heads, dtype, seed=position + count
+    )
+    out = kernels.paged_chunk_attention(
+        queries,
+        own_keys,
+        own_values,
+        inputs.keys,
+        inputs.key_scales,
+        inputs.values,
+        inputs.value_scales,
+        inputs.block_table[0],
+        position,
+        0.125,
+    )
+    assert out.shape == (count, heads, 64) and out.dtype == torch.float32
+    expected = _dense_chunk(inputs, queries, own_keys, own_values, position)
+    assert float((out.double() - expected).abs().max()) < 1e-5
 
 
 @pytest.mark.usefixtures("either_path")
-def test_a_history_block_outside_the_pool_is_a_value_error() -> None:
-    inputs = _paged(1, 8, 4, 64, 16, torch.int8, seed=3)
-    table_row = inputs.block_table[0].clone()
-    table_row[0] = 1000
+def test_a_prompt_split_into_chunks_attends_as_in_one_pass() -> None:
+    # With a float32 pool the history is exact, so chunking changes nothing but rounding.
+    inputs, queries, own_keys, own_values = _chunk_inputs(0, 90, 8, 2, torch.float32, seed=5)
+    pool = inputs.keys, None, inputs.values, None
+    keys, values = inputs.keys, inputs.values
+    ids = inputs.block_table[0].long()
+    for token in range(90):  # the whole prompt's keys and values land in the row's blocks
+        keys[ids[token // 16], :, token % 16] = own_keys[token]
+        values[ids[token // 16], :, token % 16] = own_values[token]
+    whole = kernels.paged_chunk_attention(
+        queries, own_keys, own_values, *pool, inputs.block_table[0], 0, 0.125
+    )
+    pieces = [
+        kernels.paged_chunk_attention(
+            queries[start:end],
+            own_keys[start:end],
+            own_values[start:end],
+            *pool,
+            inputs.block_table[0],
+            start,
+            0.125,
+        )
+        for start, end in ((0, 33), (33, 34), (34, 90))
+    ]
+    assert float((torch.cat(pieces) - whole).abs().max()) < 1e-5
+
+
+@pytest.mark.usefixtures("either_path")
+def test_a_chunk_history_block_outside_the_pool_is_a_value_error() -> None:
+    inputs, queries, own_keys, own_values = _chunk_inputs(20, 4, 8, 4, torch.int8, seed=3)
+    blocks = inputs.block_table[0].clone()
+    blocks[0] = 1000
     with pytest.raises(ValueError, match="outside"):
-        kernels.paged_history(inputs.keys, inputs.key_scales, table_row, 20, room=0)
+        kernels.paged_chunk_attention(
+            queries,
+            own_keys,
+            own_values,
+            inputs.keys,
+            inputs.key_scales,
+            inputs.values,
+            inputs.value_scales,
+            blocks,
+            20,
+            0.125,
+        )

@@ -49,8 +49,12 @@ CONVERSATIONS: tuple[tuple[ChatMessage, ...], ...] = (
 )
 
 # int8 is per-channel int8 of weights that the demo model ships as Q4_1 (4-bit, per group of
-# 32): re-quantizing that grid per row costs it about 5 % of greedy choices.
-MIN_AGREEMENT = {"bfloat16": 0.97, "q8": 0.95, "int8": 0.90}
+# 32): re-quantizing that grid per row costs it about 5 % of greedy choices. q8 quantizes every
+# activation block, so a float32 rounding anywhere upstream can move one int8 step: two
+# attention kernels agreeing to 1e-6 gave it 141 and 139 of this text's 147 choices (Intel
+# Xeon, 2026-12-03); its bar sits below that spread. (make bench's fidelity section compares it
+# with llama.cpp's Q8_0 over 588 positions: 566 each.)
+MIN_AGREEMENT = {"bfloat16": 0.97, "q8": 0.94, "int8": 0.90}
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional
 from transformers import PreTrainedModel
 
-from qwen_grpc.engine.kernels import paged_decode_attention
+from qwen_grpc.engine.kernels import paged_chunk_attention, paged_decode_attention
 from qwen_grpc.engine.kv_cache import LayerPool, PagedKVCache
 from qwen_grpc.engine.step_plan import Chunk, StepPlan
 
@@ -195,34 +195,22 @@ class Decoder:
         pool: LayerPool,
         chunk: Chunk,
     ) -> torch.Tensor:
-        """A chunk's queries ``[count, heads, head_dim]`` over the row's earlier tokens (read back
-        from the cache) and the chunk's own float32 keys, causally.
-
-        float32 whatever the cache stores: more faithful, and on this project's CPUs torch's
-        float32 SDPA was faster than its bf16 one (19 vs 31 ms a layer at 1,024 tokens of the
-        Qwen shape). A whole prompt in one chunk therefore attends exactly as an unchunked
-        prefill did.
-        """
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
-        mask: torch.Tensor | None = None
-        if chunk.position:
-            # The history lands in buffers with room for the chunk: no concatenation copies it.
-            all_keys, all_values = pool.history(chunk.blocks, chunk.position, chunk.count)
-            all_keys[:, chunk.position :] = keys
-            all_values[:, chunk.position :] = values
-            keys, values = all_keys, all_values
-            query_positions = torch.arange(chunk.position, chunk.position + chunk.count)
-            mask = torch.arange(keys.shape[1]) <= query_positions.unsqueeze(-1)
-        attended = functional.scaled_dot_product_attention(
-            queries.transpose(0, 1).unsqueeze(0),
-            keys.unsqueeze(0),
-            values.unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self._scale,
-            enable_gqa=self.shape.kv_heads != self.shape.heads,
+        """A chunk's queries ``[count, heads, head_dim]`` over the row's earlier tokens (in the
+        cache) and the chunk's own float32 keys, causally, in float32 whatever the cache stores:
+        a whole prompt in one chunk attends exactly as an unchunked prefill does."""
+        pool_keys, key_scales, pool_values, value_scales = pool.operands()
+        return paged_chunk_attention(
+            queries,
+            keys,
+            values,
+            pool_keys,
+            key_scales,
+            pool_values,
+            value_scales,
+            chunk.blocks,
+            chunk.position,
+            self._scale,
         )
-        return attended[0].transpose(0, 1)
 
 
 def build_decoder(

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from qwen_grpc.engine.kernels import paged_history, quantize_kv
+from qwen_grpc.engine.kernels import quantize_kv
 from qwen_grpc.engine.memory import release_free_memory
 
 BLOCK_TOKENS = 32
@@ -96,17 +96,6 @@ class LayerPool:
             keys, key_scales, values, value_scales = parts
             return keys, key_scales, values, value_scales
         return parts[0], None, parts[1], None
-
-    def history(
-        self, blocks: torch.Tensor, length: int, room: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A row's first ``length`` keys and values as float32 ``[kv_heads, length + room,
-        head_dim]``, the last ``room`` tokens left for the caller (see :func:`paged_history`)."""
-        keys, key_scales, values, value_scales = self.operands()
-        return (
-            paged_history(keys, key_scales, blocks, length, room),
-            paged_history(values, value_scales, blocks, length, room),
-        )
 
 
 class PagedKVCache:

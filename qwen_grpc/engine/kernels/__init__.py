@@ -16,9 +16,9 @@ otherwise, built into the same extension under the same path decision.
 :func:`paged_decode_attention` is decode attention over a paged cache: pools of fixed-size
 blocks (int8 with scales, float32 or bfloat16) and a block table per row, so rows of any
 length share one pool without a dense ``[B, KVH, C, D]`` buffer sized for the longest.
-``paged.cpp`` natively, ``paged_reference.py`` (the spec) otherwise. :func:`paged_history`
-reads a row's tokens back out of such pools in float32, for a prompt chunk's attention:
-``history.cpp`` natively, the same reference otherwise.
+``paged.cpp`` natively, ``paged_reference.py`` (the spec) otherwise.
+:func:`paged_chunk_attention` is a prompt chunk's causal attention over its row's history in
+such pools and its own keys: ``chunk.cpp`` natively, the reference (SDPA) otherwise.
 
 :class:`Bf16Weight` (:func:`pack_bf16`) keeps a weight in bf16, the bytes decode streams, but
 computes in float32: each weight converted exactly, float32 activations, accumulation and
@@ -47,8 +47,8 @@ __all__ = [
     "kernel_path",
     "native_available",
     "pack_bf16",
+    "paged_chunk_attention",
     "paged_decode_attention",
-    "paged_history",
     "quantize_kv",
     "quantize_q8",
 ]
@@ -243,27 +243,63 @@ def paged_decode_attention(
     )
 
 
-def paged_history(
-    pool: torch.Tensor,
-    scales: torch.Tensor | None,
+def paged_chunk_attention(
+    queries: torch.Tensor,
+    own_keys: torch.Tensor,
+    own_values: torch.Tensor,
+    keys: torch.Tensor,
+    key_scales: torch.Tensor | None,
+    values: torch.Tensor,
+    value_scales: torch.Tensor | None,
     blocks: torch.Tensor,
-    length: int,
-    room: int,
+    position: int,
+    scale: float,
 ) -> torch.Tensor:
-    """A row's first ``length`` tokens of one pool as float32 ``[KVH, length + room, D]``.
+    """Attention of a prompt chunk of one row over the row's history and itself, in float32.
 
-    ``blocks`` (int32, as plans hold them) are the row's block ids in order; int8 pools are de-quantized with their
-    ``scales``, exactly as :func:`dequantize_kv` does. The last ``room`` tokens are left for the
-    caller to fill (a chunk's own keys), so no concatenation copies the history again.
+    Args:
+        queries: float32 ``[C, H, D]``, the chunk's queries at positions ``position ..
+            position + C - 1``.
+        own_keys: float32 ``[C, KVH, D]``, the chunk's own keys, exact (not read back from the
+            pools, so a whole prompt in one chunk attends as an unchunked prefill does).
+        own_values: as ``own_keys``.
+        keys, key_scales, values, value_scales: the pools, as :func:`paged_decode_attention`
+            takes them.
+        blocks: int32, the row's block ids in order, covering at least ``position`` tokens.
+        position: the row's length before the chunk: its history, read from the pools.
+        scale: the softmax scale.
+
+    Returns:
+        float32 ``[C, H, D]``: query ``i`` over the history and the chunk's tokens ``0..i``.
+        Native when the extension runs and ``D`` is a multiple of 16 up to 256 (the history is
+        widened in cache per kv head, never materialized), torch's SDPA over the gathered
+        history otherwise.
     """
-    kv_heads, _, head_dim = pool.shape[1:]
-    out = torch.empty(kv_heads, length + room, head_dim, dtype=torch.float32)
-    if _native_head_dim(head_dim) and pool.dtype in _POOL_DTYPES:
-        torch.ops.qwen_q8.paged_history(pool, scales, blocks.contiguous(), length, out)
-    elif length:
-        ids = paged_reference.used_blocks(blocks, length, pool.shape[2], pool.shape[0], 0)
-        out[:, :length] = paged_reference.gather_tokens(pool, scales, ids, length)
-    return out
+    if _native_head_dim(queries.shape[-1]) and keys.dtype in _POOL_DTYPES:
+        return torch.ops.qwen_q8.paged_chunk_attention(
+            queries.float().contiguous(),
+            own_keys.float().contiguous(),
+            own_values.float().contiguous(),
+            keys,
+            key_scales,
+            values,
+            value_scales,
+            blocks.contiguous(),
+            position,
+            float(scale),
+        )
+    return paged_reference.chunk_attention(
+        queries.float(),
+        own_keys.float(),
+        own_values.float(),
+        keys,
+        key_scales,
+        values,
+        value_scales,
+        blocks,
+        position,
+        scale,
+    )
 
 
 def _check_paged(

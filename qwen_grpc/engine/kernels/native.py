@@ -5,9 +5,11 @@ sha256 of the source, the flags and the torch version, so a second process (or `
 having run ``python -m qwen_grpc.engine.kernels``) loads it without compiling. Its ops are
 registered with ``TORCH_LIBRARY`` (``torch.ops.qwen_q8.linear`` / ``.rows`` from ``q8.cpp``,
 ``.quantize_kv`` from ``kv.cpp``, ``.bf16_linear`` from ``bf16.cpp``,
-``.paged_decode_attention`` from ``paged.cpp``, ``.paged_history`` from ``history.cpp``, one
-library built from all five): the
-dispatcher checks the schema, and no pybind11 headers are compiled.
+``.paged_decode_attention`` from ``paged.cpp``, ``.paged_chunk_attention`` from ``chunk.cpp``,
+one library built from all five): the dispatcher checks the schema, and no pybind11 headers are
+compiled. Where the CPU has AMX-INT8 and Linux grants its tile state, the q8 linear runs
+batches of several rows on AMX tiles (bit-identical to its VNNI path);
+``QWEN_GRPC_KERNELS=vnni`` keeps it on VNNI.
 ``at::parallel_for`` inside it runs on torch's own OpenMP pool, so ``torch.set_num_threads``
 applies.
 """
@@ -30,10 +32,10 @@ _LOGGER = logging.getLogger(__name__)
 
 _SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("q8.cpp", "kv.cpp", "bf16.cpp", "paged.cpp", "history.cpp")
+    for name in ("q8.cpp", "kv.cpp", "bf16.cpp", "paged.cpp", "chunk.cpp")
 )
 # Included by the sources, not compiled on their own; hashed so that editing one rebuilds.
-_HEADERS = (Path(__file__).with_name("simd.h"),)
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attention.h"))
 _EXTENSION = "qwen_q8"
 _CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 # -fopenmp makes at::parallel_for's pragma real; the extension then links libgomp.so.1 by
@@ -50,10 +52,13 @@ class KernelChoice:
 
     native: bool
     reason: str
+    amx: bool = False
 
     @property
     def description(self) -> str:
         path = "native AVX512-VNNI extension" if self.native else "torch fallback"
+        if self.amx:
+            path += " with AMX-INT8 tiles for batches"
         return f"q8 kernels: {path} ({self.reason})"
 
 
@@ -136,8 +141,10 @@ def _choose() -> KernelChoice:
     forced = os.environ.get(FORCE_ENV, "auto").strip().lower()
     if forced == "torch":
         choice = KernelChoice(False, f"{FORCE_ENV}=torch")
-    elif forced not in ("", "auto"):
-        choice = KernelChoice(False, f"unknown {FORCE_ENV}={forced!r}, expected auto or torch")
+    elif forced not in ("", "auto", "vnni"):
+        choice = KernelChoice(
+            False, f"unknown {FORCE_ENV}={forced!r}, expected auto, vnni or torch"
+        )
     elif missing := missing_cpu_features(cpu_flags()):
         choice = KernelChoice(False, f"CPU lacks {', '.join(missing)}")
     elif _prebuilt().exists():
@@ -146,6 +153,10 @@ def _choose() -> KernelChoice:
         choice = KernelChoice(False, problem)
     else:
         choice = _try_build()
+    if choice.native:
+        # Asks Linux for the AMX tile state where the CPU has it; False elsewhere.
+        amx = bool(torch.ops.qwen_q8.use_amx(forced != "vnni"))
+        choice = KernelChoice(True, choice.reason, amx)
     _LOGGER.info("%s", choice.description)
     return choice
 

@@ -35,18 +35,12 @@
 #include <utility>
 #include <vector>
 
-#include "simd.h"
+#include "attention.h"
 
 namespace {
 
-using qwen_simd::exp_nonpositive;
-using qwen_simd::kLanes;
-using qwen_simd::load16;
-using qwen_simd::reduce16;
-
-constexpr int64_t kMaxChunks = 16;  // head_dim up to 256
-constexpr int kAccumulators = 16;   // value-pass registers: heads per pass * chunks <= 16
-constexpr int64_t kCacheLine = 64;
+using namespace qwen_attention;
+constexpr const char* kOp = "paged_decode_attention";
 // Fixed per-task cost in the thread split, in tokens: a task with a short row still pays
 // for its softmax and output stores.
 constexpr int64_t kTaskOverhead = 16;
@@ -67,100 +61,6 @@ struct PagedProblem {
   int64_t block_size;
   float scale;
 };
-
-template <typename T>
-constexpr bool kQuantized = std::is_same_v<T, int8_t>;
-
-// Asks for `tokens` rows of `dim` elements at p: the next block, while this one is computed.
-// Blocks are where the hardware prefetcher loses the stream.
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t tokens, int64_t dim) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  const int64_t size = tokens * dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t offset = 0; offset < size; offset += kCacheLine) {
-    _mm_prefetch(bytes + offset, _MM_HINT_T0);
-  }
-}
-
-// Scores of the `group` query heads against one block's `count` tokens, written to
-// scores[g * padded + first + j].
-template <typename T, int CHUNKS>
-inline void score_block(const float* queries, int64_t group, const T* keys,
-                        const float* key_scales, int64_t count, float scale, float* scores,
-                        int64_t padded) {
-  constexpr int64_t dim = CHUNKS * kLanes;
-  __m512 partial[kLanes];
-  for (int64_t j0 = 0; j0 < count; j0 += kLanes) {
-    const int64_t width = std::min(kLanes, count - j0);
-    const __mmask16 in_range = static_cast<__mmask16>((1u << width) - 1u);
-    __m512 factor = _mm512_set1_ps(scale);
-    if constexpr (kQuantized<T>) {
-      factor = _mm512_mul_ps(_mm512_maskz_loadu_ps(in_range, key_scales + j0), factor);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      const float* q = queries + g * dim;
-      for (int64_t j = 0; j < width; ++j) {
-        const T* k = keys + (j0 + j) * dim;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
-#pragma GCC unroll 16
-        for (int ch = 1; ch < CHUNKS; ++ch) {
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + ch * kLanes), load16(k + ch * kLanes), acc);
-        }
-        partial[j] = acc;
-      }
-      for (int64_t j = width; j < kLanes; ++j) partial[j] = _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(scores + g * padded + j0, in_range,
-                            _mm512_mul_ps(reduce16(partial), factor));
-    }
-  }
-}
-
-// Turns one head's `length` scores (padded with -inf to `padded`) into softmax weights in
-// place, 1 / sum folded in so the value pass is one fma per chunk. False if nothing is
-// visible (every score -inf), leaving the head's output at zero.
-inline bool softmax_in_place(float* s, int64_t length, int64_t padded) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 top = neg_inf;
-  for (int64_t c = 0; c < padded; c += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(s + c));
-  const float peak = _mm512_reduce_max_ps(top);
-  if (peak == -std::numeric_limits<float>::infinity()) return false;
-  const __m512 shift = _mm512_set1_ps(peak);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t c = 0; c < padded; c += kLanes) {
-    const int64_t width = std::min(kLanes, length - c);
-    const __mmask16 in_range = static_cast<__mmask16>((1u << width) - 1u);
-    const __m512 e =
-        _mm512_maskz_mov_ps(in_range, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift)));
-    _mm512_storeu_ps(s + c, e);
-    total = _mm512_add_ps(total, e);
-  }
-  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int64_t c = 0; c < padded; c += kLanes) {
-    _mm512_storeu_ps(s + c, _mm512_mul_ps(_mm512_loadu_ps(s + c), inverse));
-  }
-  return true;
-}
-
-// acc[g] += sum_j w[g, first + j] * v_j (* value_scale_j) over one block's `count` tokens.
-template <typename T, int CHUNKS, int PER_PASS>
-inline void accumulate_block(__m512 (&acc)[PER_PASS][CHUNKS], int64_t heads_in_pass,
-                             const float* weights, int64_t padded, const T* values,
-                             const float* value_scales, int64_t count) {
-  constexpr int64_t dim = CHUNKS * kLanes;
-  for (int64_t j = 0; j < count; ++j) {
-    const T* v = values + j * dim;
-    __m512 vf[CHUNKS];
-#pragma GCC unroll 16
-    for (int ch = 0; ch < CHUNKS; ++ch) vf[ch] = load16(v + ch * kLanes);
-    for (int64_t g = 0; g < heads_in_pass; ++g) {
-      float weight = weights[g * padded + j];
-      if constexpr (kQuantized<T>) weight *= value_scales[j];
-      const __m512 w = _mm512_set1_ps(weight);
-#pragma GCC unroll 16
-      for (int ch = 0; ch < CHUNKS; ++ch) acc[g][ch] = _mm512_fmadd_ps(w, vf[ch], acc[g][ch]);
-    }
-  }
-}
 
 // A thread's buffers, reused across its tasks.
 struct Scratch {
@@ -275,32 +175,6 @@ void run_paged(const PagedProblem<T>& problem, int64_t batch, int64_t dim) {
   });
 }
 
-void check_pool(const at::Tensor& pool, const at::Tensor& keys, const char* name) {
-  TORCH_CHECK(pool.dim() == 4 && pool.is_contiguous() && pool.sizes() == keys.sizes() &&
-                  pool.scalar_type() == keys.scalar_type(),
-              "paged_decode_attention: ", name,
-              " must be a contiguous pool [NB, KVH, BS, D] like keys");
-  TORCH_CHECK(pool.scalar_type() == at::kChar || pool.scalar_type() == at::kFloat ||
-                  pool.scalar_type() == at::kBFloat16,
-              "paged_decode_attention: pools must be int8, float32 or bfloat16");
-}
-
-// Scales are required for int8 pools and meaningless for float ones.
-const float* scales_of(const std::optional<at::Tensor>& scales, const at::Tensor& pool,
-                       const char* name) {
-  if (pool.scalar_type() != at::kChar) {
-    TORCH_CHECK(!scales.has_value(), "paged_decode_attention: ", name,
-                " must be None for a float pool");
-    return nullptr;
-  }
-  TORCH_CHECK(scales.has_value() && scales->dim() == 3 && scales->is_contiguous() &&
-                  scales->scalar_type() == at::kFloat &&
-                  scales->sizes() == pool.sizes().slice(0, 3),
-              "paged_decode_attention: ", name,
-              " must be contiguous float32 [NB, KVH, BS] for an int8 pool");
-  return scales->data_ptr<float>();
-}
-
 // Lengths fit the table and every block a row reads exists: a bad id would read outside the
 // pool. ValueError in Python, like the wrapper's own checks.
 void check_table(const at::Tensor& table, const at::Tensor& lengths, int64_t batch,
@@ -350,8 +224,8 @@ at::Tensor paged_decode_attention(const at::Tensor& queries, const at::Tensor& k
   TORCH_CHECK(queries.dim() == 3 && queries.scalar_type() == at::kFloat &&
                   queries.is_contiguous(),
               "paged_decode_attention: queries must be contiguous float32 [B, H, D]");
-  check_pool(keys, keys, "keys");
-  check_pool(values, keys, "values");
+  check_pool(keys, keys, kOp, "keys");
+  check_pool(values, keys, kOp, "values");
   const int64_t batch = queries.size(0);
   const int64_t heads = queries.size(1);
   const int64_t dim = queries.size(2);
@@ -363,8 +237,8 @@ at::Tensor paged_decode_attention(const at::Tensor& queries, const at::Tensor& k
   TORCH_CHECK(keys.size(3) == dim && dim % kLanes == 0 && dim > 0 && dim <= kMaxChunks * kLanes,
               "paged_decode_attention: head_dim must match the pool and be a multiple of 16, at "
               "most 256");
-  const float* key_scale_ptr = scales_of(key_scales, keys, "key_scales");
-  const float* value_scale_ptr = scales_of(value_scales, values, "value_scales");
+  const float* key_scale_ptr = scales_of(key_scales, keys, kOp, "key_scales");
+  const float* value_scale_ptr = scales_of(value_scales, values, kOp, "value_scales");
   check_table(block_table, lengths, batch, keys.size(0), block_size);
   at::Tensor out = at::zeros({batch, heads, dim}, queries.options());
   if (batch == 0 || heads == 0) return out;

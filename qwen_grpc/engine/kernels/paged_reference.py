@@ -1,4 +1,4 @@
-"""Decode attention over a paged KV cache in plain torch: the fallback, and the spec.
+"""Attention over a paged KV cache in plain torch: the fallback, and the spec.
 
 A row at a time: gather the blocks its table names, lay them end to end, cut at its length,
 widen to float32 (int8 de-quantized by :func:`dequantize_kv`) and attend with two matmuls.
@@ -6,11 +6,15 @@ Only the blocks a row uses are read and the slots past its length are cut off be
 arithmetic, so whatever sits elsewhere in the pool or the table (NaN, -1) cannot reach the
 output. One row never sees another's shapes, so its result does not depend on the batch,
 as on the native path. A row of length 0 gives zeros.
+
+A prompt chunk (:func:`chunk_attention`) attends over its row's history, gathered the same way,
+and its own float32 keys and values, causally, with torch's SDPA.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional
 
 from qwen_grpc.engine.kernels.kv_layout import dequantize_kv
 
@@ -75,3 +79,39 @@ def attend(
     grouped = queries.view(kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale
     return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(heads, head_dim)
+
+
+def chunk_attention(
+    queries: torch.Tensor,
+    own_keys: torch.Tensor,
+    own_values: torch.Tensor,
+    keys: torch.Tensor,
+    key_scales: torch.Tensor | None,
+    values: torch.Tensor,
+    value_scales: torch.Tensor | None,
+    blocks: torch.Tensor,
+    position: int,
+    scale: float,
+) -> torch.Tensor:
+    """float32 ``[C, H, D]``; see :func:`qwen_grpc.engine.kernels.paged_chunk_attention`."""
+    count, heads, _ = queries.shape
+    all_keys, all_values = own_keys.transpose(0, 1), own_values.transpose(0, 1)
+    mask: torch.Tensor | None = None
+    if position:
+        ids = used_blocks(blocks, position, keys.shape[2], keys.shape[0], 0)
+        all_keys = torch.cat([gather_tokens(keys, key_scales, ids, position), all_keys], dim=1)
+        all_values = torch.cat(
+            [gather_tokens(values, value_scales, ids, position), all_values], dim=1
+        )
+        query_positions = torch.arange(position, position + count)
+        mask = torch.arange(position + count) <= query_positions.unsqueeze(-1)
+    attended = functional.scaled_dot_product_attention(
+        queries.transpose(0, 1).unsqueeze(0),
+        all_keys.unsqueeze(0),
+        all_values.unsqueeze(0),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=keys.shape[1] != heads,
+    )
+    return attended[0].transpose(0, 1)

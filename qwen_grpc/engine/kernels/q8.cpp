@@ -12,6 +12,14 @@
 // vpdpbusd multiplies unsigned by signed bytes, so weights are stored offset by +128 (u8) and
 // the activations stay signed: sum((w + 128) x) - 128 sum(x) = sum(w x), exactly.
 // Scales are fp32, [tile][block][16].
+//
+// On CPUs with AMX-INT8 (and the kernel's permission to use its tile state) batches of
+// kAmxMinRows rows or more take AMX tiles instead: the same 8 vectors of one tile and block are
+// exactly the B operand of tdpbsud (8 rows of 4 K values x 16 outputs), 16 activation rows x 32
+// bytes are its A operand, and one instruction computes the 16 x 16 block sums that take 128
+// vpdpbusd. The int32 sums are the same integers, and the float epilogue is the same operations
+// in the same order, so both paths give bit-identical outputs. Large batches are walked in row
+// chunks that fit in L2, so a prompt's activations are not re-read from memory per weight tile.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,8 +28,13 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cpuid.h>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -34,6 +47,10 @@ constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileBlockBytes = kTileRows * kBlock;
 constexpr int64_t kGroups = kBlock / 4;
 constexpr int64_t kMaxBatchRows = 16;
+// Below this many rows a call is bound by reading the weights, and VNNI reaches that bound.
+constexpr int64_t kAmxMinRows = 4;
+// Activation bytes per row chunk: with the weight tile being read, well inside a 1-2 MB L2.
+constexpr int64_t kChunkBytes = 512 * 1024;
 
 // Activations quantized once per call, stored block-major ([block][row][32], [block][row]) so
 // the rows of one K block sit at constant offsets from one pointer. Each block keeps its scale
@@ -69,7 +86,8 @@ void quantize_block(const T* x, int8_t* q, float* scale, int32_t* start) {
 }
 
 template <typename T>
-void quantize_rows(const at::Tensor& x, int8_t* q, float* scales, int32_t* starts) {
+void quantize_rows(const at::Tensor& x, int64_t stride, int8_t* q, float* scales,
+                   int32_t* starts) {
   const int64_t rows = x.size(0);
   const int64_t k = x.size(1);
   const int64_t blocks = k / kBlock;
@@ -77,11 +95,17 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scales, int32_t* start
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t i = b * rows + m;
+        const int64_t i = b * stride + m;
         quantize_block(base + m * k + b * kBlock, q + i * kBlock, scales + i, starts + i);
       }
     }
   });
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = b * stride + rows;
+    std::memset(q + i * kBlock, 0, (stride - rows) * kBlock);
+    std::fill(scales + i, scales + b * stride + stride, 0.0f);
+    std::fill(starts + i, starts + b * stride + stride, 0);
+  }
 }
 
 inline __m512i broadcast4(const int8_t* p) {
@@ -137,6 +161,119 @@ constexpr auto make_kernels(std::integer_sequence<int, R...>) {
 
 constexpr auto kKernels = make_kernels(std::make_integer_sequence<int, kMaxBatchRows>{});
 
+// Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM);
+// without it the first tile instruction faults. Asked once, here, before any tile is touched.
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+bool cpu_has_amx_int8() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = (edx >> 24) & 1u;
+  const bool int8 = (edx >> 25) & 1u;
+  return tile && int8;
+}
+
+bool amx_permitted() {
+  static const bool permitted =
+      cpu_has_amx_int8() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return permitted;
+}
+
+std::atomic<bool> use_amx{false};
+
+// Palette 1 with two sets of three tiles, so one block's sums are computed while the previous
+// block's are scaled: C (tmm0 / tmm3, 16 x 16 int32), A (tmm1 / tmm4, 16 rows x 32 bytes), B
+// (tmm2 / tmm5, 8 rows x 64 bytes). The configuration is per thread, so each worker loads it.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 32, 64, 64, 32, 64};
+  uint8_t rows[16] = {16, 16, static_cast<uint8_t>(kGroups), 16, 16, static_cast<uint8_t>(kGroups)};
+};
+
+__attribute__((target("amx-tile"))) void configure_tiles() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
+
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
+// The 16 x 16 integer sums of one block into `sums`, through tile set 0 or 1 (the intrinsics
+// take tile numbers as literals, hence the two spelled-out sets).
+template <int SET>
+__attribute__((target("amx-tile,amx-int8"))) inline void block_sums(const int8_t* xq,
+                                                                   const uint8_t* wb,
+                                                                   int32_t* sums) {
+  if constexpr (SET == 0) {
+    _tile_zero(0);
+    _tile_loadd(1, xq, kBlock);
+    _tile_loadd(2, wb, 64);
+    _tile_dpbsud(0, 1, 2);
+    _tile_stored(0, sums, 64);
+  } else {
+    _tile_zero(3);
+    _tile_loadd(4, xq, kBlock);
+    _tile_loadd(5, wb, 64);
+    _tile_dpbsud(3, 4, 5);
+    _tile_stored(3, sums, 64);
+  }
+}
+
+// As tile_kernel, with each block's 16 x 16 integer sums from one tdpbsud. The A operand is
+// always 16 rows (the quantized activations are padded with zero rows to a multiple of 16);
+// only the first ROWS are used. Block b + 1's sums are stored before block b's are read, so
+// the vector epilogue does not wait on the tile store.
+template <int ROWS>
+__attribute__((target("amx-tile,amx-int8"))) void amx_tile_kernel(
+    const uint8_t* w, const float* w_scales, const QuantizedRows& x, int64_t row0, float* out,
+    int64_t out_stride, const float* bias, __mmask16 valid) {
+  alignas(64) int32_t sums[2][kTileRows * kTileRows];
+  __m512 acc[ROWS];
+#pragma GCC unroll 16
+  for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t block_stride = x.rows * kBlock;
+  const int8_t* xq = x.values + row0 * kBlock;
+  const float* xs = x.scales + row0;
+  const int32_t* xstart = x.starts + row0;
+  block_sums<0>(xq, w, sums[0]);
+  for (int64_t b = 0; b < x.blocks; ++b) {
+    if (b + 1 < x.blocks) {
+      const int8_t* next_x = xq + (b + 1) * block_stride;
+      const uint8_t* next_w = w + (b + 1) * kTileBlockBytes;
+      if (b & 1) {
+        block_sums<0>(next_x, next_w, sums[0]);
+      } else {
+        block_sums<1>(next_x, next_w, sums[1]);
+      }
+    }
+    const int32_t* current = sums[b & 1];
+    const __m512 ws = _mm512_loadu_ps(w_scales + b * kTileRows);
+#pragma GCC unroll 16
+    for (int m = 0; m < ROWS; ++m) {
+      const __m512i sum = _mm512_add_epi32(_mm512_load_si512(current + m * kTileRows),
+                                           _mm512_set1_epi32(xstart[m]));
+      const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(xs[m]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[m]);
+    }
+    xs += x.rows;
+    xstart += x.rows;
+  }
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int m = 0; m < ROWS; ++m) {
+    _mm512_mask_storeu_ps(out + (row0 + m) * out_stride, valid, _mm512_add_ps(acc[m], bv));
+  }
+}
+
+template <int... R>
+constexpr auto make_amx_kernels(std::integer_sequence<int, R...>) {
+  return std::array<TileKernel, sizeof...(R)>{&amx_tile_kernel<R + 1>...};
+}
+
+constexpr auto kAmxKernels = make_amx_kernels(std::make_integer_sequence<int, kMaxBatchRows>{});
+
 void check_weight(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.size(2) == kTileBlockBytes,
@@ -167,36 +304,56 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
     bias_ptr = bias->data_ptr<float>();
   }
   const int64_t rows = x.size(0);
-  at::Tensor xq = at::empty({blocks, rows, kBlock}, x.options().dtype(at::kChar));
-  at::Tensor xs = at::empty({blocks, rows}, x.options().dtype(at::kFloat));
-  at::Tensor xc = at::empty({blocks, rows}, x.options().dtype(at::kInt));
+  // Zero rows pad the quantized activations to whole 16-row A tiles; no output reads them.
+  const int64_t padded = (rows + kMaxBatchRows - 1) / kMaxBatchRows * kMaxBatchRows;
+  at::Tensor xq = at::empty({blocks, padded, kBlock}, x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({blocks, padded}, x.options().dtype(at::kFloat));
+  at::Tensor xc = at::empty({blocks, padded}, x.options().dtype(at::kInt));
   if (x.scalar_type() == at::kFloat) {
-    quantize_rows<float>(x, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xc.data_ptr<int32_t>());
+    quantize_rows<float>(x, padded, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                         xc.data_ptr<int32_t>());
   } else {
-    quantize_rows<c10::BFloat16>(x, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+    quantize_rows<c10::BFloat16>(x, padded, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
                                  xc.data_ptr<int32_t>());
   }
   const QuantizedRows qx{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xc.data_ptr<int32_t>(),
-                         rows, blocks};
+                         padded, blocks};
   at::Tensor out = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* ws = scales.data_ptr<float>();
+  const bool amx = rows >= kAmxMinRows && use_amx.load(std::memory_order_relaxed);
+  const auto& kernels = amx ? kAmxKernels : kKernels;
+  const int64_t chunk =
+      std::max(kMaxBatchRows, kChunkBytes / k / kMaxBatchRows * kMaxBatchRows);
   at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kTileRows;
-      const int64_t width = std::min(kTileRows, out_features - n0);
-      const __mmask16 valid = static_cast<__mmask16>((1u << width) - 1u);
-      const uint8_t* wt = w + t * blocks * kTileBlockBytes;
-      const float* st = ws + t * blocks * kTileRows;
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxBatchRows) {
-        const int64_t count = std::min(kMaxBatchRows, rows - m0);
-        kKernels[count - 1](wt, st, qx, m0, out_ptr + n0, out_features,
-                            bias_ptr ? bias_ptr + n0 : nullptr, valid);
+    if (amx) configure_tiles();
+    for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
+      const int64_t c1 = std::min(rows, c0 + chunk);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t * kTileRows;
+        const int64_t width = std::min(kTileRows, out_features - n0);
+        const __mmask16 valid = static_cast<__mmask16>((1u << width) - 1u);
+        const uint8_t* wt = w + t * blocks * kTileBlockBytes;
+        const float* st = ws + t * blocks * kTileRows;
+        for (int64_t m0 = c0; m0 < c1; m0 += kMaxBatchRows) {
+          const int64_t count = std::min(kMaxBatchRows, c1 - m0);
+          kernels[count - 1](wt, st, qx, m0, out_ptr + n0, out_features,
+                             bias_ptr ? bias_ptr + n0 : nullptr, valid);
+        }
       }
     }
+    if (amx) release_tiles();
   });
   return out;
+}
+
+// Turns the AMX path on or off (on only where the CPU has AMX-INT8 and Linux grants its tile
+// state) and says whether it is on, so the Python side can log the path that runs.
+bool q8_use_amx(bool wanted) {
+  const bool on = wanted && amx_permitted();
+  use_amx.store(on, std::memory_order_relaxed);
+  return on;
 }
 
 at::Tensor q8_rows(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
@@ -239,4 +396,5 @@ TORCH_LIBRARY(qwen_q8, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor scales, int out_features, Tensor? bias) -> Tensor",
         &q8_linear);
   m.def("rows(Tensor packed, Tensor scales, int out_features, Tensor index) -> Tensor", &q8_rows);
+  m.def("use_amx(bool wanted) -> bool", &q8_use_amx);
 }
