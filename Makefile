@@ -21,7 +21,7 @@ help:
 	@echo "make run      install, fetch the demo model, serve on $(HOST):$(PORT)"
 	@echo "make test     run the test suite"
 	@echo "make proto    regenerate the gRPC stubs from proto/"
-	@echo "make lint     ruff and mypy"
+	@echo "make lint     ruff, mypy, and buf lint and breaking on proto/"
 	@echo "make bench    benchmark (writes bench/results/)"
 	@echo "make reliability  load, fault, drain and soak scenarios (writes reliability/results/)"
 
@@ -59,6 +59,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy qwen_grpc clients harness bench reliability
+	$(BIN)/python tools/check_contract.py
 
 # The recipe lives in tools/generate_proto.py so the staleness test runs the same one.
 proto: install

@@ -17,7 +17,7 @@ from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen_grpc.config import Settings
 from qwen_grpc.engine.model import load_model
@@ -25,6 +25,7 @@ from qwen_grpc.engine.prompt import SharedTokenizer
 from qwen_grpc.engine.scheduler import Engine, SchedulerLimits
 from qwen_grpc.engine.sources import resolve_model
 from qwen_grpc.engine.types import ChatMessage, GenerationRequest, Role, SamplingParams
+from qwen_grpc.health import HealthService
 from qwen_grpc.interceptors import build_interceptors
 from qwen_grpc.interceptors.drain import Drain
 from qwen_grpc.metrics import ServiceMetrics
@@ -48,7 +49,7 @@ class QwenServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = HealthService()
         self.servicer = ChatServicer()
         self.engine: Engine | None = None
         self.metrics = ServiceMetrics()
@@ -156,7 +157,11 @@ class QwenServer:
             _LOGGER.info("draining for up to %.0f s", grace)
         if not self._drain.close(grace):
             _LOGGER.warning("the grace period ended with chat calls in flight: cutting them")
-        # Chat calls are over (or out of time); what is left, such as health watches, ends now.
+        # Chat calls are over (or out of time). Health watches end with OK, not cut; what is
+        # left (a reflection stream, say) carries no generation and ends with the transport.
+        watches = self.health.end_watches()
+        if watches:
+            _LOGGER.info("ended %d open health watch(es)", watches)
         self._grpc.stop(0).wait()
         if self._watchdog is not None:
             self._watchdog.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from qwen_grpc.config import settings_table
@@ -26,3 +27,17 @@ def test_every_make_target_the_readme_names_exists() -> None:
 def test_every_file_the_readme_links_exists() -> None:
     for link in re.findall(r"\]\(([^)#:]+)\)", README):
         assert (ROOT / link).exists(), link
+
+
+def test_the_readme_java_stub_command_generates_the_messages(tmp_path: Path) -> None:
+    # The README's no-plugin line, run as written from a folder laid out like the repo.
+    (line,) = re.findall(r"^mkdir -p gen/java && \.venv/bin/protoc .*$", README, re.MULTILINE)
+    for name in ("proto", ".venv"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    result = subprocess.run(
+        ["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    java = (tmp_path / "gen" / "java" / "qwen" / "chat" / "v1" / "Chat.java").read_text()
+    for name in ("ChatRequest", "StreamChatResponse", "ROLE_USER", "FINISH_REASON_STOP"):
+        assert name in java, name

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from harness.server_process import ServerProcess, free_port
 from qwen_grpc.server import FORCED_EXIT_BASE
@@ -73,6 +74,28 @@ def test_metrics_move_during_and_after_a_real_call(server_factory: Any) -> None:
     assert after["qwen_queue_depth"] == 0
 
 
+def test_time_to_first_token_counts_only_chat_calls(server_factory: Any) -> None:
+    port = free_port()
+    running = server_factory(metrics_port=port)
+    running.server.load()
+    ttft_count = "qwen_grpc_time_to_first_token_seconds_count"
+    before = total(scrape(port), ttft_count)
+    # What `grpcurl list` sends: a reflection stream, which answers but generates nothing.
+    reflection = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+    answers = list(
+        reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+    )
+    assert "qwen.chat.v1.ChatService" in {s.name for s in answers[0].list_services_response.service}
+    after_reflection = scrape(port)
+    reflection_calls = 'qwen_grpc_calls_total{code="OK",method="/grpc.reflection.v1alpha.'
+    assert total(after_reflection, reflection_calls) == 1, "the reflection call was not seen"
+    assert total(after_reflection, ttft_count) == before
+    assert list(running.stub.StreamChat(stream_request(4)))[-1].WhichOneof("event") == "final"
+    assert total(scrape(port), ttft_count) == before + 1
+
+
 @pytest.mark.parametrize("fault", ["stuck", "crash"])
 def test_watchdog_reports_not_serving_and_fails_calls_when_the_engine_breaks(
     server_factory: Any, fault: str
@@ -129,3 +152,46 @@ def test_a_second_sigterm_exits_at_once_in_the_middle_of_a_drain(
     finally:
         server.stop(timeout=5)
     assert code == FORCED_EXIT_BASE + signal.SIGTERM, server.log_tail()
+
+
+def test_an_idle_health_watch_does_not_hold_a_sigterm_shutdown(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # As client-side health checking does: one Watch open, no chat call, then a rollout's
+    # SIGTERM. A grace of 20 s would keep the process that long if the Watch held the drain.
+    drain_delay = 0.5
+    server = ServerProcess(
+        str(tiny_model_dir),
+        tmp_path / "server.log",
+        cache_dir=cache_dir,
+        extra_args=(
+            *("--dtype", "float32", "--threads", "1", "--grace-seconds", "20"),
+            *("--drain-delay-seconds", str(drain_delay)),
+        ),
+        startup_timeout=120.0,
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=60
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            signalled = time.monotonic()
+            server.sigterm()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            try:
+                rest = [r.status for r in watch]
+                ended_with = "OK"
+            except grpc.RpcError as error:
+                rest, ended_with = [], f"{error.code().name} ({error.details()})"
+            watch_seconds = time.monotonic() - signalled
+            code = server.wait_exit(timeout=drain_delay + 2 - watch_seconds)
+            exited = time.monotonic() - signalled
+    finally:
+        server.stop(timeout=30)
+    # The server ends the stream as a finished call, not by cutting the connection.
+    assert ended_with == "OK", f"the Watch ended {ended_with} {watch_seconds:.1f} s after SIGTERM"
+    assert set(rest) <= {health_pb2.HealthCheckResponse.NOT_SERVING}
+    assert code == 0, f"still running {exited:.1f} s after SIGTERM:\n{server.log_tail()}"
+    assert exited <= drain_delay + 2

@@ -2,7 +2,7 @@
 
 When a call ends the logger ``qwen_grpc.access`` records method, peer, client, request id (the
 same one :mod:`qwen_grpc.interceptors.request_id` sends back), status code, duration, token
-counts and, for streams, the time to the first response. The fields ride
+counts and, for StreamChat, the time to the first token. The fields ride
 on the record (``extra=``), so :class:`qwen_grpc.logs.JsonFormatter` writes one JSON object.
 
 Streams are timed to their end, not to the creation of the generator, by wrapping the response
@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import grpc
 
 from qwen_grpc.interceptors.base import (
+    GENERATION_METHODS,
     HEALTH_PREFIX,
     Behavior,
     CallContext,
@@ -61,6 +62,9 @@ class _CallRecord:
         self._lock = threading.Lock()
         self._written = False
         self._first_response: float | None = None
+        # A time to first token exists only where tokens stream (StreamChat); other streams,
+        # such as reflection's, answer without generating and would skew the histogram.
+        self._streams_tokens = call.response_streaming and call.method in GENERATION_METHODS
         self._answer: list[str] = []
         self.fields: dict[str, Any] = {
             "method": call.method,
@@ -101,7 +105,7 @@ class _CallRecord:
         fields["code"] = code.name
         fields["duration_ms"] = round((end - self._start) * 1000, 2)
         ttft: float | None = None
-        if self._call.response_streaming and self._first_response is not None:
+        if self._streams_tokens and self._first_response is not None:
             ttft = self._first_response - self._start
             fields["ttft_ms"] = round(ttft * 1000, 2)
         if self._observer is not None:

@@ -4,8 +4,8 @@ gRPC's own ``server.stop(grace)`` rejects new calls too, but most of those that 
 CANCELLED (measured with grpcio: about 2 in 3), which a client's retry policy does not retry. So
 the drain happens here first: from :meth:`Drain.close` on, new chat calls get UNAVAILABLE with a
 message, which clients retry on another replica, and the server waits for the chat calls in
-flight. Only then does it stop the transport, which also ends idle health watches at once rather
-than holding the shutdown for the whole grace period.
+flight. Only then does it end the open health watches (with OK, see :mod:`qwen_grpc.health`) and
+stop the transport, so idle streams never hold the shutdown for the whole grace period.
 """
 
 from __future__ import annotations
