@@ -205,13 +205,22 @@ class Settings:
     )
     log_content: bool = field(
         default=False,
-        metadata={"help": "put prompt and answer text in the access log (personal data)"},
+        metadata={
+            "help": "put prompt and answer text in the access log and trace spans (personal data)"
+        },
     )
     log_health_checks: bool = field(
         default=False, metadata={"help": "write access-log lines for health checks too"}
     )
     metrics_port: int = field(
         default=9090, metadata={"help": "Prometheus /metrics HTTP port on the same host (0 = off)"}
+    )
+    otlp_endpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. "
+            "http://otel-collector:4317 (https:// for TLS); unset = no tracing at all"
+        },
     )
     watchdog_stall_seconds: float = field(
         default=60.0,

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent import futures
 from types import FrameType
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -36,6 +37,9 @@ from qwen_grpc.v1 import chat_pb2_grpc
 from qwen_grpc.validation import RequestLimits, default_sampling
 from qwen_grpc.watchdog import EngineWatchdog
 
+if TYPE_CHECKING:
+    from qwen_grpc.tracing import Tracing
+
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAME = CHAT_SERVICE_NAME
 HEALTH_SERVICES = ("", SERVICE_NAME)
@@ -57,11 +61,12 @@ class QwenServer:
         self._metrics_http: WSGIServer | None = None
         self._watchdog: EngineWatchdog | None = None
         self._drain = Drain()
+        self.tracing = _tracing(settings)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.handler_threads, thread_name_prefix="grpc-handler"
             ),
-            interceptors=build_interceptors(settings, self.metrics, self._drain),
+            interceptors=build_interceptors(settings, self.metrics, self._drain, self.tracing),
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -170,7 +175,20 @@ class QwenServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         _LOGGER.info("stopped")
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    """The call tracer, or ``None`` without a collector: then OpenTelemetry is not imported,
+    no tracer provider exists and no exporter thread runs, so tracing off costs nothing."""
+    if not settings.otlp_endpoint:
+        return None
+    from qwen_grpc.tracing import Tracing
+
+    _LOGGER.info("exporting traces to %s over OTLP/gRPC", settings.otlp_endpoint)
+    return Tracing(settings.otlp_endpoint)
 
 
 # The warm-up prompt whose prefill time sizes the default prompt limit, and the share of the

@@ -119,15 +119,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         prompt_ids = runtime.engine.tokenizer.encode_chat(messages)
         check_prompt_length(len(prompt_ids), runtime.limits)
         remaining = context.time_remaining()
+        call = CallContext.of(context)
         handle = runtime.engine.submit(
             GenerationRequest(
                 request_id=request_id,
                 prompt_ids=tuple(prompt_ids),
                 params=params,
                 deadline=None if remaining is None else time.monotonic() + remaining,
-                client=CallContext.of(context).client,
+                client=call.client,
             )
         )
+        call.timings = handle.timings
         if not context.add_callback(handle.cancel):
             # The call ended between submit and here: no callback will ever cancel it, and
             # the engine would generate for nobody until the deadline.

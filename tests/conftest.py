@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,6 +15,8 @@ import pytest
 
 from qwen_grpc.config import Settings
 from qwen_grpc.engine.synthetic import build_random_qwen
+from qwen_grpc.interceptors.access_log import ACCESS_LOGGER
+from qwen_grpc.logs import JsonFormatter
 from qwen_grpc.server import QwenServer
 from qwen_grpc.v1 import chat_pb2_grpc
 
@@ -97,3 +101,17 @@ def make_server(server_factory: Any, tiny_server: RunningServer) -> ServerMaker:
         return running
 
     return make
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
+    """The access-log lines written so far, each formatted by the production JSON formatter."""
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER.name)
+    formatter = JsonFormatter()
+
+    def lines() -> list[dict[str, Any]]:
+        raw = [formatter.format(r) for r in caplog.records if r.name == ACCESS_LOGGER.name]
+        assert all("\n" not in line for line in raw)
+        return [json.loads(line) for line in raw]
+
+    return lines

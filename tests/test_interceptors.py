@@ -8,7 +8,6 @@ model (no second load); interceptors alone are also tried on a dummy service (gr
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -27,12 +26,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from grpc_status import rpc_status
 
-from qwen_grpc.interceptors.access_log import ACCESS_LOGGER, AccessLogInterceptor
+from qwen_grpc.interceptors.access_log import AccessLogInterceptor
 from qwen_grpc.interceptors.auth import BearerTokens
 from qwen_grpc.interceptors.base import CallContext
 from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
 from qwen_grpc.interceptors.errors import ErrorInterceptor
-from qwen_grpc.logs import JsonFormatter
 from qwen_grpc.v1 import chat_pb2
 from tests.conftest import RunningServer, ServerMaker
 
@@ -42,20 +40,6 @@ REQUEST = chat_pb2.ChatRequest(
     options=chat_pb2.GenerationOptions(greedy=True, max_new_tokens=6),
 )
 STREAM_REQUEST = chat_pb2.StreamChatRequest(messages=REQUEST.messages, options=REQUEST.options)
-
-
-@pytest.fixture
-def access_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
-    """The access-log lines written so far, each formatted by the production JSON formatter."""
-    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER.name)
-    formatter = JsonFormatter()
-
-    def lines() -> list[dict[str, Any]]:
-        raw = [formatter.format(r) for r in caplog.records if r.name == ACCESS_LOGGER.name]
-        assert all("\n" not in line for line in raw)
-        return [json.loads(line) for line in raw]
-
-    return lines
 
 
 def wait_for_lines(

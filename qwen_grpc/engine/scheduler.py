@@ -44,6 +44,7 @@ from qwen_grpc.engine.types import (
     FinishReason,
     GenerationRequest,
     TextDelta,
+    Timings,
     Usage,
 )
 
@@ -88,6 +89,8 @@ class RequestHandle:
         self._events: queue.SimpleQueue[Event | EngineError] = queue.SimpleQueue()
         self.cancelled = False
         self._done = False
+        self.timings = Timings(submitted=time.monotonic())
+        """When the request queued, was admitted, had its first token and ended."""
 
     def cancel(self) -> None:
         """Asks the engine to drop the sequence at its next step boundary."""
@@ -101,6 +104,8 @@ class RequestHandle:
     def put(self, item: Event | EngineError) -> None:
         if isinstance(item, Completed | EngineError):
             self._done = True
+            if self.timings.finished is None:
+                self.timings.finished = time.monotonic()
         self._events.put(item)
 
     def __iter__(self) -> Iterator[Event]:
@@ -368,6 +373,7 @@ class Engine:
                 break
             self._pending.pop()
             candidate.row = self._cache.open_row(candidate.reserved_tokens)
+            candidate.handle.timings.admitted = time.monotonic()
             self._rows.append(candidate)
 
     def _step(self) -> None:
@@ -488,6 +494,8 @@ class Engine:
     def _accept_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Samples, emits text, and decides whether the sequence is done."""
         token = seq.sampler.sample(logits)
+        if seq.generated == 0:
+            seq.handle.timings.first_token = time.monotonic()
         seq.generated += 1
         seq.last_token = token
         if token in self.model.stop_token_ids:

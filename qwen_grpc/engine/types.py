@@ -77,6 +77,38 @@ class Completed:
     usage: Usage
 
 
+@dataclass
+class Timings:
+    """When one generation reached each stage, on the ``time.monotonic`` clock.
+
+    The engine thread writes them as the request moves on; the call's trace reads them once the
+    call has ended (its queue-wait, prefill and decode spans), so the engine keeps no spans.
+    """
+
+    submitted: float
+    admitted: float | None = None
+    """Given a batch slot and its KV blocks: the queue wait ends and the prefill begins."""
+    first_token: float | None = None
+    """The prompt is in the cache and its first token sampled: the decode begins."""
+    finished: float | None = None
+    """Completed, failed, cancelled or expired."""
+
+    def stages(self, end: float) -> list[tuple[str, float, float]]:
+        """``(name, start, end)`` of the stages the request reached, each cut at ``end`` (the
+        call's end, also for a stage the engine had not closed when the call was over)."""
+        marks = (self.submitted, self.admitted, self.first_token)
+        starts = [
+            (name, mark)
+            for name, mark in zip(("queue_wait", "prefill", "decode"), marks, strict=True)
+            if mark is not None
+        ]
+        stops = [mark for _, mark in starts[1:]] + [end if self.finished is None else self.finished]
+        return [
+            (name, min(start, end), min(stop, end))
+            for (name, start), stop in zip(starts, stops, strict=True)
+        ]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A tokenized prompt ready for the scheduler."""

@@ -4,7 +4,8 @@
 
 1. request id: echoed with the first response message and in the trailers, never before the
    handler answered, so an UNAVAILABLE answer stays retryable (gRFC A6);
-   access log: sees every outcome, including the refusals of the interceptors below it;
+   access log: sees every outcome, including the refusals of the interceptors below it, and
+   (with a tracer) gives each call its span, ended with the same facts as its log line;
 2. errors: no stray exception reaches the caller as UNKNOWN;
    malformed: bytes that do not parse are INVALID_ARGUMENT, not gRPC's INTERNAL;
    drain (when given one): chat calls during a shutdown are UNAVAILABLE, so clients retry;
@@ -18,7 +19,7 @@ from __future__ import annotations
 import grpc
 
 from qwen_grpc.config import Settings
-from qwen_grpc.interceptors.access_log import AccessLogInterceptor, CallObserver
+from qwen_grpc.interceptors.access_log import AccessLogInterceptor, CallObserver, CallTracer
 from qwen_grpc.interceptors.auth import AuthInterceptor, BearerTokens
 from qwen_grpc.interceptors.deadlines import DeadlineInterceptor
 from qwen_grpc.interceptors.drain import Drain, DrainInterceptor
@@ -31,12 +32,15 @@ __all__ = ["build_interceptors"]
 
 
 def build_interceptors(
-    settings: Settings, observer: CallObserver | None = None, drain: Drain | None = None
+    settings: Settings,
+    observer: CallObserver | None = None,
+    drain: Drain | None = None,
+    tracer: CallTracer | None = None,
 ) -> list[grpc.ServerInterceptor]:
     """The interceptor chain the settings ask for, in the order above."""
     chain: list[grpc.ServerInterceptor] = [
         RequestIdInterceptor(),
-        AccessLogInterceptor(settings.log_content, settings.log_health_checks, observer),
+        AccessLogInterceptor(settings.log_content, settings.log_health_checks, observer, tracer),
         ErrorInterceptor(),
         MalformedRequestInterceptor(),
     ]

@@ -7,7 +7,9 @@ on the record (``extra=``), so :class:`qwen_grpc.logs.JsonFormatter` writes one 
 
 Streams are timed to their end, not to the creation of the generator, by wrapping the response
 iterator. Prompt and answer text are personal data: they are logged only if ``log_content``.
-The same finished-call facts feed the Prometheus call metrics through a :class:`CallObserver`.
+The same finished-call facts feed the Prometheus call metrics through a :class:`CallObserver`,
+and, when tracing is on, the call's span through a :class:`CallTracer`: the log line then
+carries the span's ``trace_id``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import grpc
 
+from qwen_grpc.engine.types import Timings
 from qwen_grpc.interceptors.base import (
     GENERATION_METHODS,
     HEALTH_PREFIX,
@@ -43,6 +46,22 @@ class CallObserver(Protocol):
     def on_call(self, method: str, code: str, seconds: float, ttft: float | None) -> None: ...
 
 
+class CallTrace(Protocol):
+    """The trace of one call, started with the call and finished with its log line."""
+
+    trace_id: str
+
+    def finish(
+        self, code: grpc.StatusCode, fields: Mapping[str, Any], timings: Timings | None, end: float
+    ) -> None: ...
+
+
+class CallTracer(Protocol):
+    """Starts a trace per call (:class:`qwen_grpc.tracing.Tracing`)."""
+
+    def start(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> CallTrace: ...
+
+
 class _CallRecord:
     """What is known about one call so far; written to the log exactly once."""
 
@@ -53,6 +72,7 @@ class _CallRecord:
         request: Any,
         log_content: bool,
         observer: CallObserver | None,
+        tracer: CallTracer | None,
     ) -> None:
         self._observer = observer
         self._context = context
@@ -74,19 +94,24 @@ class _CallRecord:
         prompt = _prompt_of(request) if log_content and not call.request_streaming else None
         if prompt is not None:
             self.fields["prompt"] = prompt
+        self._trace: CallTrace | None = None
+        if tracer is not None:
+            self._trace = tracer.start(call.method, context.invocation_metadata())
+            self.fields["trace_id"] = self._trace.trace_id
 
     def observe(self, response: Any) -> None:
         """Notes token counts, the first response's time, and (if enabled) the answer text."""
         if self._first_response is None:
             self._first_response = time.monotonic()
         usage: chat_pb2.Usage | None = None
+        finish_reason: chat_pb2.FinishReason | None = None
         if isinstance(response, chat_pb2.ChatResponse):
-            usage = response.usage
+            usage, finish_reason = response.usage, response.finish_reason
             if self._log_content:
                 self._answer.append(response.message.content)
         elif isinstance(response, chat_pb2.StreamChatResponse):
             if response.HasField("final"):
-                usage = response.final.usage
+                usage, finish_reason = response.final.usage, response.final.finish_reason
             elif self._log_content:
                 self._answer.append(response.delta)
         elif isinstance(response, chat_pb2.CountTokensResponse):
@@ -94,6 +119,8 @@ class _CallRecord:
         if usage is not None:
             self.fields["prompt_tokens"] = usage.prompt_tokens
             self.fields["completion_tokens"] = usage.completion_tokens
+        if finish_reason is not None:
+            self.fields["finish_reason"] = chat_pb2.FinishReason.Name(finish_reason)
 
     def write(self, code: grpc.StatusCode) -> None:
         with self._lock:
@@ -116,6 +143,8 @@ class _CallRecord:
             _LOGGER.debug("could not name the client", exc_info=True)
         if self._log_content and self._answer:
             fields["answer"] = "".join(self._answer)
+        if self._trace is not None:
+            self._trace.finish(code, fields, self._context.timings, end)
         level = logging.ERROR if code in _SERVER_FAULTS else logging.INFO
         ACCESS_LOGGER.log(
             level,
@@ -163,10 +192,12 @@ class AccessLogInterceptor(Interceptor):
         log_content: bool = False,
         log_health_checks: bool = False,
         observer: CallObserver | None = None,
+        tracer: CallTracer | None = None,
     ) -> None:
         self._log_content = log_content
         self._log_health_checks = log_health_checks
         self._observer = observer
+        self._tracer = tracer
 
     def applies_to(self, method: str) -> bool:
         return self._log_health_checks or not method.startswith(HEALTH_PREFIX)
@@ -174,7 +205,9 @@ class AccessLogInterceptor(Interceptor):
     def intercept(
         self, method: Behavior, request: Any, context: CallContext, call: CallInfo
     ) -> Any:
-        record = _CallRecord(context, call, request, self._log_content, self._observer)
+        record = _CallRecord(
+            context, call, request, self._log_content, self._observer, self._tracer
+        )
         try:
             response = method(request, context)
         except BaseException as exc:

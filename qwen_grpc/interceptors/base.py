@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import grpc
 
+from qwen_grpc.engine.types import Timings
 from qwen_grpc.metadata import CLIENT_ID_KEY, REQUEST_ID_KEY
 from qwen_grpc.v1 import chat_pb2
 
@@ -73,6 +74,8 @@ class CallContext:
         """Authenticated client name, set by the auth interceptor."""
         self.deadline: float | None = None
         """Server-side deadline (``time.monotonic`` clock), set by the deadline interceptor."""
+        self.timings: Timings | None = None
+        """The generation's stage times, set by the servicer once the engine took the request."""
 
     @classmethod
     def of(cls, context: grpc.ServicerContext) -> CallContext:
