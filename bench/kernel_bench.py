@@ -1,4 +1,4 @@
-"""Q8_0 kernel microbenchmark: every linear of Qwen1.5-0.5B, cold, at batch 1 and 8.
+"""Q8_0 kernel microbenchmark: every linear of Qwen1.5-0.5B, cold, at batch 1, 8 and 56.
 
 ``python -m bench.kernel_bench`` builds the 97 matrices of the model (24 layers of fused qkv,
 o, fused gate_up and down, plus the 151936-row tied head) with random weights, distinct per
@@ -7,7 +7,9 @@ full passes over them for the native q8 kernel, its torch fallback (batch 1 at t
 thread count only: it is slow), oneDNN's packed bf16 linear (what
 ``fast_linear.PackedBf16Linear`` runs: bf16 in and out) and the native bf16-weight linear with
 float32 activations and outputs (``bf16_fp32_out``, the same weight bytes as oneDNN's, computed
-in float32). GB/s counts the weight bytes a pass reads. Writes its
+in float32). On AMX hosts ``q8_native`` runs batches of 4+ rows on AMX tiles and ``q8_vnni`` is
+the same kernel held on AVX512-VNNI. Batch 56 is a chunk step's pass: 7 decode tokens beside a
+48-token prompt chunk and one more. GB/s counts the weight bytes a pass reads. Writes its
 keys of ``bench/results/kernels.json`` and ``kernels.md`` (see ``kernel_results``).
 """
 
@@ -29,6 +31,7 @@ from qwen_grpc.engine.kernels import (
     Bf16Weight,
     Q8Weight,
     kernel_path,
+    native,
     native_available,
     pack_bf16,
     quantize_q8,
@@ -138,6 +141,8 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
     kernels: dict[str, Callable[[Matrix], Linear]] = {"onednn_bf16": _onednn_bf16}
     if native_available():
         kernels["q8_native"] = _q8_native
+        if native.choose().amx:
+            kernels["q8_vnni"] = _q8_native
         kernels["bf16_fp32_out"] = _bf16_fp32_out
     kernels["q8_fallback"] = _q8_fallback
     rows = []
@@ -152,6 +157,8 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
                 continue
             inputs = {k: v.bfloat16() for k, v in x.items()} if name == "onednn_bf16" else x
             _LOGGER.info("timing %s, %d threads, batch %d", name, count, batch)
+            if name in ("q8_native", "q8_vnni"):
+                torch.ops.qwen_q8.use_amx(name == "q8_native" and native.choose().amx)
             timing = _time_passes(matrices, make, inputs, 2 if name == "q8_fallback" else passes)
             nbytes = _bytes(matrices, name)
             gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
@@ -165,6 +172,8 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
                     **timing,
                 }
             )
+    if native_available():
+        torch.ops.qwen_q8.use_amx(native.choose().amx)
     info["load_average_end"] = load_average()
     return {
         "machine": info,
@@ -176,7 +185,7 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--batches", default="1,8,56", help="comma-separated batch sizes")
     parser.add_argument("--passes", type=int, default=7)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--seed", type=int, default=0)

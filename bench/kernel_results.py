@@ -1,8 +1,9 @@
 """``bench/results/kernels.{json,md}``: one file pair that several kernel benches fill in.
 
 Each bench owns some top-level keys of the JSON record (``kernel_bench``: the q8 linears;
-``kv_bench``: ``decode_attention``, the paged cache's kernel) and replaces only those, so running one bench keeps the
-other's last numbers; the Markdown is rendered from the merged record every time.
+``kv_bench``: ``decode_attention``, the paged cache's kernel; ``chunk_bench``:
+``chunk_attention``, a prompt chunk's) and replaces only those, so running one bench keeps the
+others' last numbers; the Markdown is rendered from the merged record every time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,32 @@ def render_markdown(record: dict[str, Any]) -> str:
         sections.append(_render_q8(record))
     if "decode_attention" in record:
         sections.append(_render_attention(record["decode_attention"]))
+    if "chunk_attention" in record:
+        sections.append(_render_chunk(record["chunk_attention"]))
     return "\n".join(sections)
+
+
+def _render_chunk(section: dict[str, Any]) -> str:
+    lines = [
+        "# Prompt-chunk attention microbenchmark",
+        "",
+        _machine_line(section["machine"]),
+        f"{section['kernel_path']}. One pass = one row's chunk attending over its history "
+        f"(int8 pools, blocks in random order) and itself in all {section['layers']} layers, "
+        "Qwen1.5-0.5B shape; median of the passes, the paths timed in turn. `native` is "
+        "`chunk.cpp`; `sdpa_history_given` is torch's SDPA with the history already float32 "
+        "(its copy not counted); `fallback` gathers the history, then SDPA. Position 0 is a "
+        "one-pass prefill.",
+        "",
+        "| history tokens | chunk | kernel | threads | ms / pass (median) | ms (min) |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in section["results"]:
+        lines.append(
+            f"| {row['position']} | {row['chunk']} | {row['kernel']} | {row['threads']} | "
+            f"{row['ms_median']:.2f} | {row['ms_min']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _machine_line(machine: dict[str, Any]) -> str:

@@ -39,7 +39,16 @@
 
 namespace {
 
-using namespace qwen_attention;
+using qwen_attention::accumulate_block;
+using qwen_attention::check_pool;
+using qwen_attention::kAccumulators;
+using qwen_attention::kLanes;
+using qwen_attention::kMaxChunks;
+using qwen_attention::kQuantized;
+using qwen_attention::prefetch_rows;
+using qwen_attention::scales_of;
+using qwen_attention::score_block;
+using qwen_attention::softmax_in_place;
 constexpr const char* kOp = "paged_decode_attention";
 // Fixed per-task cost in the thread split, in tokens: a task with a short row still pays
 // for its softmax and output stores.
