@@ -10,7 +10,7 @@ built the way these machines allow (see deploy/README.md, "Built and run here"):
    CPU wheel pip finds on this machine and its dependencies from PyPI, served on loopback
    (``--torch-index-url`` uses a real index instead);
 3. ``buildah bud --isolation chroot`` builds the Dockerfile unchanged, in a storage of its own
-   under ``.cache/image`` (vfs driver: no overlay mounts in this sandbox);
+   under ``.cache/image`` (the vfs driver, which issue 13 found to work in this sandbox);
 4. ``buildah run --isolation chroot`` runs the image's entrypoint as uid 10001 on free ports
    (chroot isolation shares the host's network, so the host reaches it on loopback); the
    grpcurl examples of ``clients/grpcurl`` check health SERVING and a chat answer, and the log
