@@ -15,7 +15,7 @@ VOCAB_SHA256 := 0602d1800f7433bdb7953560986eaf5146454ed3988636c0a91963ba24e74258
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: help install models run test lint proto bench reliability clean
+.PHONY: help install models run test lint proto bench reliability image-test clean
 
 help:
 	@echo "make run      install, fetch the demo model, serve on $(HOST):$(PORT)"
@@ -24,6 +24,7 @@ help:
 	@echo "make lint     ruff, mypy, and buf lint and breaking on proto/"
 	@echo "make bench    benchmark (writes bench/results/)"
 	@echo "make reliability  load, fault, drain and soak scenarios (writes reliability/results/)"
+	@echo "make image-test   build deploy/Dockerfile with buildah and check the image serves"
 
 install: $(VENV)/.installed
 
@@ -79,6 +80,10 @@ bench: $(VENV)/.bench-installed models
 
 reliability: install models
 	$(BIN)/python -m reliability.run
+
+# Root, apt and minutes of torch download: kept out of `make test`. Steps in deploy/image_test.py.
+image-test: install
+	$(BIN)/python deploy/image_test.py
 
 clean:
 	rm -rf $(VENV) $(QWEN_GRPC_CACHE_DIR) .pytest_cache

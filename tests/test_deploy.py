@@ -438,3 +438,54 @@ def test_baked_demo_model_has_the_makefiles_pin() -> None:
 def test_baking_nothing_leaves_the_model_to_a_mount(capsys: pytest.CaptureFixture[str]) -> None:
     assert _bake_module().main(["none"]) == 0
     assert "mount" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# deploy/image_test.py (``make image-test`` itself needs root, buildah and minutes)
+# --------------------------------------------------------------------------
+
+
+def _image_test_module() -> Any:
+    spec = importlib.util.spec_from_file_location("image_test", DEPLOY / "image_test.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_test_is_a_make_target_outside_make_test() -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(
+        r"^image-test: install\n\t\$\(BIN\)/python deploy/image_test.py$", makefile, re.M
+    )
+    test_rule = re.search(r"^test:(.*)$", makefile, re.MULTILINE)
+    assert test_rule is not None and "image-test" not in test_rule.group(1)
+
+
+def test_image_test_indexes_wheels_under_their_pep503_names() -> None:
+    normalized = _image_test_module().normalized
+    assert normalized(Path("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")) == "torch"
+    assert normalized(Path("typing_extensions-4.16.0-py3-none-any.whl")) == "typing-extensions"
+    assert (
+        normalized(Path("MarkupSafe-3.0.4-cp311-cp311-manylinux_2_17_x86_64.whl")) == "markupsafe"
+    )
+
+
+def test_image_test_reads_grpcurls_back_to_back_objects() -> None:
+    text = '{\n  "delta": "Pa"\n}\n{\n  "delta": "ris"\n}\n'
+    assert _image_test_module().json_stream(text) == [{"delta": "Pa"}, {"delta": "ris"}]
+
+
+def test_image_test_installs_the_dockerfiles_torch_pin() -> None:
+    runs = [i.args for i in _dockerfile() if i.keyword == "RUN" and "torch==" in i.args]
+    assert _image_test_module().torch_pin() in runs[0].split()
+
+
+def test_a_new_host_ca_makes_a_new_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base trusts the host's extra CAs; a changed CA must not reuse the cached rootfs."""
+    module = _image_test_module()
+    monkeypatch.setattr(module, "HOST_CAS", tmp_path)
+    (tmp_path / "a.crt").write_text("one")
+    first = module.base_key()
+    (tmp_path / "a.crt").write_text("two")
+    assert module.base_key() != first

@@ -193,3 +193,33 @@ def test_a_built_library_loads_where_no_compiler_is_installed() -> None:
     assert done.returncode == 0, done.stderr
     assert "native AVX512-VNNI extension" in done.stdout
     assert "(prebuilt in" in done.stdout
+
+
+def test_building_for_an_image_fails_instead_of_falling_back() -> None:
+    """The Dockerfile's builder must not ship an image whose kernels silently never built."""
+    env = {**os.environ, "CXX": "no-such-compiler"}
+    done = subprocess.run(
+        [sys.executable, "-m", "qwen_grpc.engine.kernels", "--for-image"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "no compiler: no-such-compiler not found" in done.stderr
+
+
+@needs_native
+def test_a_build_names_the_directory_it_built_in() -> None:
+    """torch's load() appends to the flag list it is given; the hash must not move with it."""
+    script = (
+        "from qwen_grpc.engine.kernels import native\n"
+        "before = native.build_directory()\n"
+        "library = native.build_for_image()\n"
+        "assert library == before / 'qwen_q8.so' and library.exists(), (before, library)\n"
+        "assert native.build_directory() == before\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr

@@ -1,18 +1,30 @@
 """``python -m qwen_grpc.engine.kernels``: build (or find) the native kernels and say which path runs.
 
-``make install`` runs it so the first server start does not pay the compile.
+``make install`` runs it so the first server start does not pay the compile. ``--for-image``
+compiles whatever this CPU supports and fails instead of falling back (deploy/Dockerfile).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 
-from qwen_grpc.engine.kernels import kernel_path
+from qwen_grpc.engine.kernels import kernel_path, native
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qwen_grpc.engine.kernels")
+    parser.add_argument(
+        "--for-image",
+        action="store_true",
+        help="compile for another machine to load; fail if the library cannot be built",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    kernel_path()
+    if args.for_image:
+        logging.getLogger(__name__).info("q8 kernels: built %s", native.build_for_image())
+    else:
+        kernel_path()
 
 
 if __name__ == "__main__":

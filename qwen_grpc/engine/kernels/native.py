@@ -37,10 +37,10 @@ _SOURCES = tuple(
 # Included by the sources, not compiled on their own; hashed so that editing one rebuilds.
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attention.h"))
 _EXTENSION = "qwen_q8"
-_CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
+_CFLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
 # -fopenmp makes at::parallel_for's pragma real; the extension then links libgomp.so.1 by
 # soname, which resolves to the copy torch has already loaded: one OpenMP pool, not two.
-_OPENMP = ["-fopenmp"]
+_OPENMP = ("-fopenmp",)
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 FORCE_ENV = "QWEN_GRPC_KERNELS"
 CACHE_ENV = "QWEN_GRPC_CACHE_DIR"
@@ -100,12 +100,26 @@ def _build() -> None:
     cpp_extension.load(
         name=_EXTENSION,
         sources=[str(source) for source in _SOURCES],
-        extra_cflags=_CFLAGS + _OPENMP,
-        extra_ldflags=_OPENMP,
+        # Fresh lists: load() appends torch's link flags to extra_ldflags, which would change
+        # the flags build_directory() hashes and so name a directory nothing was built in.
+        extra_cflags=[*_CFLAGS, *_OPENMP],
+        extra_ldflags=[*_OPENMP],
         build_directory=str(directory),
         is_python_module=False,
         verbose=False,
     )
+
+
+def build_for_image() -> Path:
+    """Compiles the library whatever this CPU supports and returns it; raises if it cannot.
+
+    For an image's builder stage: the CPU that builds the image need not be the one that runs
+    it, and a build that fell back to torch here would ship an image that never runs native.
+    """
+    if problem := _compiler_missing():
+        raise RuntimeError(problem)
+    _build()
+    return _prebuilt()
 
 
 def _compiler_missing() -> str | None:
