@@ -422,12 +422,17 @@ def test_image_installs_the_pinned_torch_from_the_cpu_index() -> None:
     assert "--index-url" in runs[0]
 
 
-def _bake_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bake_model", DEPLOY / "bake_model.py")
+def _deploy_module(name: str) -> Any:
+    """A script of deploy/ (not a package) imported by path."""
+    spec = importlib.util.spec_from_file_location(name, DEPLOY / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bake_module() -> Any:
+    return _deploy_module("bake_model")
 
 
 def test_baked_demo_model_has_the_makefiles_pin() -> None:
@@ -446,11 +451,7 @@ def test_baking_nothing_leaves_the_model_to_a_mount(capsys: pytest.CaptureFixtur
 
 
 def _image_test_module() -> Any:
-    spec = importlib.util.spec_from_file_location("image_test", DEPLOY / "image_test.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _deploy_module("image_test")
 
 
 def test_image_test_is_a_make_target_outside_make_test() -> None:

@@ -387,6 +387,21 @@ def _chunk_inputs(
     return inputs, queries, own_keys, own_values
 
 
+def _attend_chunk(
+    inputs: Paged,
+    queries: torch.Tensor,
+    own_keys: torch.Tensor,
+    own_values: torch.Tensor,
+    blocks: torch.Tensor,
+    position: int,
+) -> torch.Tensor:
+    """``paged_chunk_attention`` of a chunk over the pools of ``inputs``, softmax scale 1/8."""
+    pools = inputs.keys, inputs.key_scales, inputs.values, inputs.value_scales
+    return kernels.paged_chunk_attention(
+        queries, own_keys, own_values, *pools, blocks, position, 0.125
+    )
+
+
 def _dense_chunk(
     inputs: Paged,
     queries: torch.Tensor,
@@ -424,18 +439,7 @@ def test_a_chunk_attends_causally_over_its_history_and_itself(
     inputs, queries, own_keys, own_values = _chunk_inputs(
         position, count, heads, kv_heads, dtype, seed=position + count
     )
-    out = kernels.paged_chunk_attention(
-        queries,
-        own_keys,
-        own_values,
-        inputs.keys,
-        inputs.key_scales,
-        inputs.values,
-        inputs.value_scales,
-        inputs.block_table[0],
-        position,
-        0.125,
-    )
+    out = _attend_chunk(inputs, queries, own_keys, own_values, inputs.block_table[0], position)
     assert out.shape == (count, heads, 64) and out.dtype == torch.float32
     expected = _dense_chunk(inputs, queries, own_keys, own_values, position)
     assert float((out.double() - expected).abs().max()) < 1e-5
@@ -445,24 +449,16 @@ def test_a_chunk_attends_causally_over_its_history_and_itself(
 def test_a_prompt_split_into_chunks_attends_as_in_one_pass() -> None:
     # With a float32 pool the history is exact, so chunking changes nothing but rounding.
     inputs, queries, own_keys, own_values = _chunk_inputs(0, 90, 8, 2, torch.float32, seed=5)
-    pool = inputs.keys, None, inputs.values, None
     keys, values = inputs.keys, inputs.values
     ids = inputs.block_table[0].long()
     for token in range(90):  # the whole prompt's keys and values land in the row's blocks
         keys[ids[token // 16], :, token % 16] = own_keys[token]
         values[ids[token // 16], :, token % 16] = own_values[token]
-    whole = kernels.paged_chunk_attention(
-        queries, own_keys, own_values, *pool, inputs.block_table[0], 0, 0.125
-    )
+    blocks = inputs.block_table[0]
+    whole = _attend_chunk(inputs, queries, own_keys, own_values, blocks, 0)
     pieces = [
-        kernels.paged_chunk_attention(
-            queries[start:end],
-            own_keys[start:end],
-            own_values[start:end],
-            *pool,
-            inputs.block_table[0],
-            start,
-            0.125,
+        _attend_chunk(
+            inputs, queries[start:end], own_keys[start:end], own_values[start:end], blocks, start
         )
         for start, end in ((0, 33), (33, 34), (34, 90))
     ]
@@ -475,15 +471,4 @@ def test_a_chunk_history_block_outside_the_pool_is_a_value_error() -> None:
     blocks = inputs.block_table[0].clone()
     blocks[0] = 1000
     with pytest.raises(ValueError, match="outside"):
-        kernels.paged_chunk_attention(
-            queries,
-            own_keys,
-            own_values,
-            inputs.keys,
-            inputs.key_scales,
-            inputs.values,
-            inputs.value_scales,
-            blocks,
-            20,
-            0.125,
-        )
+        _attend_chunk(inputs, queries, own_keys, own_values, blocks, 20)

@@ -276,30 +276,19 @@ def paged_chunk_attention(
         widened in cache per kv head, never materialized), torch's SDPA over the gathered
         history otherwise.
     """
-    if _native_head_dim(queries.shape[-1]) and keys.dtype in _POOL_DTYPES:
-        return torch.ops.qwen_q8.paged_chunk_attention(
-            queries.float().contiguous(),
-            own_keys.float().contiguous(),
-            own_values.float().contiguous(),
-            keys,
-            key_scales,
-            values,
-            value_scales,
-            blocks.contiguous(),
-            position,
-            float(scale),
-        )
-    return paged_reference.chunk_attention(
-        queries.float(),
-        own_keys.float(),
-        own_values.float(),
+    native = _native_head_dim(queries.shape[-1]) and keys.dtype in _POOL_DTYPES
+    attend = torch.ops.qwen_q8.paged_chunk_attention if native else paged_reference.chunk_attention
+    return attend(
+        queries.float().contiguous(),
+        own_keys.float().contiguous(),
+        own_values.float().contiguous(),
         keys,
         key_scales,
         values,
         value_scales,
-        blocks,
+        blocks.contiguous(),
         position,
-        scale,
+        float(scale),
     )
 
 

@@ -114,6 +114,25 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// One K block's exact int32 sums of a row, scaled by the weight and activation scales and
+// added to its float32 accumulator. Both paths (VNNI and AMX) call this one step, which is what
+// keeps their outputs bit-identical.
+inline __m512 add_block(__m512 acc, __m512i sum, __m512 weight_scales, float row_scale) {
+  const __m512 d = _mm512_mul_ps(weight_scales, _mm512_set1_ps(row_scale));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc);
+}
+
+// The tile's ROWS accumulators, plus the bias, into the output's valid columns.
+template <int ROWS>
+inline void store_rows(const __m512 (&acc)[ROWS], float* out, int64_t row0, int64_t out_stride,
+                       const float* bias, __mmask16 valid) {
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int m = 0; m < ROWS; ++m) {
+    _mm512_mask_storeu_ps(out + (row0 + m) * out_stride, valid, _mm512_add_ps(acc[m], bv));
+  }
+}
+
 // One tile of 16 output rows times ROWS activation rows; each weight vector is loaded once.
 template <int ROWS>
 void tile_kernel(const uint8_t* w, const float* w_scales, const QuantizedRows& x, int64_t row0,
@@ -137,18 +156,13 @@ void tile_kernel(const uint8_t* w, const float* w_scales, const QuantizedRows& x
       for (int g = 0; g < kGroups; ++g) {
         sum = _mm512_dpbusd_epi32(sum, wv[g], broadcast4(xq + m * kBlock + 4 * g));
       }
-      const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(xs[m]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[m]);
+      acc[m] = add_block(acc[m], sum, ws, xs[m]);
     }
     xq += x.rows * kBlock;
     xs += x.rows;
     xstart += x.rows;
   }
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-  for (int m = 0; m < ROWS; ++m) {
-    _mm512_mask_storeu_ps(out + (row0 + m) * out_stride, valid, _mm512_add_ps(acc[m], bv));
-  }
+  store_rows<ROWS>(acc, out, row0, out_stride, bias, valid);
 }
 
 using TileKernel = void (*)(const uint8_t*, const float*, const QuantizedRows&, int64_t, float*,
@@ -254,17 +268,12 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile_kernel(
     for (int m = 0; m < ROWS; ++m) {
       const __m512i sum = _mm512_add_epi32(_mm512_load_si512(current + m * kTileRows),
                                            _mm512_set1_epi32(xstart[m]));
-      const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(xs[m]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[m]);
+      acc[m] = add_block(acc[m], sum, ws, xs[m]);
     }
     xs += x.rows;
     xstart += x.rows;
   }
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-  for (int m = 0; m < ROWS; ++m) {
-    _mm512_mask_storeu_ps(out + (row0 + m) * out_stride, valid, _mm512_add_ps(acc[m], bv));
-  }
+  store_rows<ROWS>(acc, out, row0, out_stride, bias, valid);
 }
 
 template <int... R>
