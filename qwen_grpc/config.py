@@ -75,10 +75,19 @@ class Settings:
         },
     )
     prefill_chunk_tokens: int = field(
-        default=48,
+        default=16,
         metadata={
-            "help": "prompt tokens a forward pass takes beside the running streams' decode "
-            "tokens: how much longer their step gets while a prompt joins"
+            "help": "fewest prompt tokens a forward pass takes beside the running streams' "
+            "decode tokens (and the first such chunk); chunks grow from it while the pass "
+            "stays within prefill_step_factor decode steps"
+        },
+    )
+    prefill_step_factor: float = field(
+        default=2.5,
+        metadata={
+            "help": "longest a forward pass with prompt chunks beside decode tokens may take, "
+            "in decode steps: the bound on the running streams' gap while a prompt joins, "
+            "met by sizing each chunk; 0 keeps chunks at prefill_chunk_tokens"
         },
     )
     default_max_new_tokens: int = field(
@@ -230,6 +239,11 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if 0 < self.prefill_step_factor <= 1:
+            raise ValueError(
+                f"prefill_step_factor ({self.prefill_step_factor}) must be 0 (fixed chunks) or "
+                "above 1: a pass with prompt tokens takes longer than a decode step"
+            )
         if 0 < self.max_workers <= self.max_concurrent_generations:
             raise ValueError(
                 f"max_workers ({self.max_workers}) must exceed max_batch_size + max_queue "
@@ -343,7 +357,10 @@ def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
                 values[f.name] = _parse_value(hints[f.name], env_value)
             except ValueError as exc:
                 raise SystemExit(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from exc
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        raise SystemExit(f"invalid settings: {exc}") from exc
 
 
 def settings_table() -> str:

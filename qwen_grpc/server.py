@@ -206,6 +206,7 @@ def scheduler_limits(settings: Settings) -> SchedulerLimits:
         kv_cache_tokens=settings.kv_cache_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        prefill_step_factor=settings.prefill_step_factor,
     )
 
 

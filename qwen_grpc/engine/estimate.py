@@ -30,7 +30,7 @@ class Work:
     generated: int = 0
 
 
-class _Ewma:
+class Ewma:
     """Exponentially weighted mean; the first measurement is taken as it is."""
 
     def __init__(self) -> None:
@@ -50,9 +50,9 @@ class FirstTokenEstimator:
     """
 
     def __init__(self) -> None:
-        self._decode_step = _Ewma()
-        self._prefill_per_token = _Ewma()
-        self._completion = _Ewma()
+        self._decode_step = Ewma()
+        self._prefill_per_token = Ewma()
+        self._completion = Ewma()
 
     def on_decode_step(self, seconds: float) -> None:
         self._decode_step.add(seconds)

@@ -35,6 +35,7 @@ from qwen_grpc.engine.estimate import FirstTokenEstimator, Work
 from qwen_grpc.engine.kv_cache import KVRow
 from qwen_grpc.engine.model import LoadedModel
 from qwen_grpc.engine.prompt import SharedTokenizer
+from qwen_grpc.engine.prompt_budget import PromptBudget
 from qwen_grpc.engine.sampling import TokenSampler
 from qwen_grpc.engine.step_plan import Segment, plan_step
 from qwen_grpc.engine.text import IncrementalDetokenizer, StopSequenceMatcher
@@ -73,9 +74,14 @@ class SchedulerLimits:
     max_prefill_tokens: int = 4096
     """Prompt tokens in one forward pass while no sequence is decoding; longer prompts prefill
     in several passes."""
-    prefill_chunk_tokens: int = 48
-    """Prompt tokens a forward pass takes beside running sequences' decode tokens: the longer
-    step every running stream sees while a prompt joins."""
+    prefill_chunk_tokens: int = 16
+    """Fewest prompt tokens a forward pass takes beside running sequences' decode tokens, and
+    the first chunk before any pass has been timed."""
+    prefill_step_factor: float = 2.5
+    """How long a forward pass with prompt chunks beside decode tokens may take, in decode
+    steps: the bound on every running stream's gap while a prompt joins. Chunks grow and shrink
+    to meet it (:mod:`qwen_grpc.engine.prompt_budget`); 0 keeps them at
+    ``prefill_chunk_tokens``."""
 
 
 class RequestHandle:
@@ -170,6 +176,9 @@ class Engine:
         self._cond = threading.Condition()
         self._pending: FairQueue[_Sequence] = FairQueue(lambda seq: seq.request.client)
         self._estimator = FirstTokenEstimator()
+        self._chunk_budget = PromptBudget(
+            limits.prefill_chunk_tokens, limits.max_prefill_tokens, limits.prefill_step_factor
+        )
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -417,7 +426,7 @@ class Engine:
     def _prompt_budget(self) -> int:
         """Prompt tokens the next pass may take: a chunk beside decoding rows, else a prefill."""
         if any(seq.decoding for seq in self._rows):
-            return self.limits.prefill_chunk_tokens
+            return self._chunk_budget.tokens
         return self.limits.max_prefill_tokens
 
     def _prompt_chunks(self, budget: int) -> list[tuple[_Sequence, Segment]]:
@@ -473,6 +482,7 @@ class Engine:
         seconds = time.perf_counter() - started
         if decode_rows:
             self._estimator.on_decode_step(seconds)
+            self._chunk_budget.on_step(prompt_tokens, seconds)
         if prompt_tokens:
             self._estimator.on_prefill(prompt_tokens, seconds)
         if self.observer is None:
