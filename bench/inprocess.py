@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import statistics
 import threading
 import time
@@ -30,6 +31,14 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_model_dir() -> Path:
+    """Where ``make bench`` builds its Qwen-shaped random model (``$QWEN_GRPC_CACHE_DIR`` or
+    ``./.cache``): the default model of the benches that drive the engine by hand."""
+    cache = Path(os.environ.get("QWEN_GRPC_CACHE_DIR", _REPO_ROOT / ".cache"))
+    return cache / "bench-models" / "qwen1.5-0.5b-random"
 
 
 def load_like_the_server(model_dir: Path, dtype: str, threads: int) -> LoadedModel:

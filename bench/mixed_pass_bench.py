@@ -6,8 +6,8 @@ chunks are cut (the README's mixed-load section derives it). Whether the TTFT ta
 hangs on ``G`` against the one-pass prefill ``P``, and this measures both on the engine's own
 forward pass (``LoadedModel.step``, no gRPC): passes of 7 decode rows alone and with chunks of
 several sizes at several depths of a 2,000-token prompt, and the prompt's one-pass prefill.
-Each figure is the fastest of ``--passes`` (the machine is shared; the least disturbed pass is
-the one that says what the code costs). Writes ``bench/results/mixed_pass.{json,md}``.
+Each pass runs every chunk size once in turn (a drift of the shared machine hits them alike),
+and each figure is the fastest of ``--passes``. Writes ``bench/results/mixed_pass.{json,md}``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.inprocess import load_like_the_server, on_thread
+from bench.inprocess import bench_model_dir, load_like_the_server, on_thread
+from bench.kv_bench import Pass, _time, _time_interleaved
 from bench.machine import machine_info
 from qwen_grpc.engine.step_plan import Segment, plan_step
 
@@ -40,16 +39,6 @@ DEPTHS = (0, 1000, 1900)
 CHUNKS = (16, 48, 96)
 
 
-def _fastest(passes: int, run: Callable[[], None]) -> float:
-    """Milliseconds of the fastest of ``passes`` calls."""
-    best = float("inf")
-    for _ in range(passes):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return round(best * 1000, 2)
-
-
 def _measure(model: LoadedModel, passes: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
 
@@ -62,7 +51,7 @@ def _measure(model: LoadedModel, passes: int) -> dict[str, Any]:
     for row in rows:
         _run(model, cache, [Segment.next_token(row, ids(DECODE_HISTORY))], commit=True)
 
-    def mixed(chunk: int) -> Callable[[], None]:
+    def mixed(chunk: int) -> Pass:
         # Not committed: every pass writes the same slots, so rows stay where they are.
         segments = [Segment.next_token(row, ids(1)) for row in rows]
         if chunk:
@@ -74,8 +63,9 @@ def _measure(model: LoadedModel, passes: int) -> dict[str, Any]:
         while prompt.length < depth:
             piece = ids(min(500, depth - prompt.length))
             _run(model, cache, [Segment.inner(prompt, piece)], commit=True)
-        decode = _fastest(passes, mixed(0))
-        added = {str(c): round(_fastest(passes, mixed(c)) - decode, 2) for c in CHUNKS}
+        timed = _time_interleaved({str(c): mixed(c) for c in (0, *CHUNKS)}, passes)
+        decode = timed["0"]["ms_min"]
+        added = {str(c): round(timed[str(c)]["ms_min"] - decode, 2) for c in CHUNKS}
         depths[str(depth)] = {
             "decode_pass_ms": decode,
             "chunk_added_ms": added,
@@ -85,9 +75,10 @@ def _measure(model: LoadedModel, passes: int) -> dict[str, Any]:
 
     def one_pass() -> None:
         fresh = model.new_cache(PROMPT_TOKENS + 16)
-        _run(model, fresh, [Segment.next_token(fresh.open_row(PROMPT_TOKENS + 1), whole)], False)
+        row = fresh.open_row(PROMPT_TOKENS + 1)
+        _run(model, fresh, [Segment.next_token(row, whole)], commit=False)
 
-    prefill = _fastest(max(2, passes // 2), one_pass)
+    prefill = _time(one_pass, max(2, passes // 2))["ms_min"]
     return {
         "decode_rows": DECODE_ROWS,
         "prompt_tokens": PROMPT_TOKENS,
@@ -141,7 +132,7 @@ def main() -> None:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=REPO_ROOT / ".cache" / "bench-models" / "qwen1.5-0.5b-random",
+        default=bench_model_dir(),
         help="model folder (default: the benchmark's Qwen-shaped model, built by make bench)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="path without suffix")

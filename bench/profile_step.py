@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,14 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.inprocess import load_like_the_server, on_thread
+from bench.inprocess import bench_model_dir, load_like_the_server, on_thread
 from bench.prompts import build_prompts
 
 if TYPE_CHECKING:
     from qwen_grpc.engine.model import LoadedModel
 
 _LOGGER = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def profile_decode(loaded: LoadedModel, batch: int, steps: int, top: int, skip: int = 0) -> str:
@@ -62,7 +60,6 @@ def profile_decode(loaded: LoadedModel, batch: int, steps: int, top: int, skip: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cache = Path(os.environ.get("QWEN_GRPC_CACHE_DIR", REPO_ROOT / ".cache"))
     parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__)
     parser.add_argument("--dtype", default="auto", help="precision mode (default: auto)")
     parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
@@ -74,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=cache / "bench-models" / "qwen1.5-0.5b-random",
+        default=bench_model_dir(),
         help="model folder (default: the benchmark's Qwen-shaped model)",
     )
     args = parser.parse_args(argv)
