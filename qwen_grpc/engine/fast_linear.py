@@ -41,7 +41,11 @@ class PackedBf16Linear(nn.Module):
 
 
 def can_pack_bf16() -> bool:
-    return bool(torch.backends.mkldnn.is_available())
+    """oneDNN packs bf16 only where the CPU converts bf16 in hardware (AVX-512 or
+    AVX-NE-CONVERT); an AVX2-only CPU raises at pack time, so it takes ``F.linear``."""
+    return bool(torch.backends.mkldnn.is_available()) and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def fbgemm_int8_linear(values: torch.Tensor, scales: torch.Tensor) -> nn.Module:
