@@ -29,7 +29,7 @@ help:
 install: $(VENV)/.installed
 
 # torch first, pinned to the CPU build on disk; then the project with its dev extra; then the
-# q8 kernels are compiled into the cache (a no-op when cached, a log line on CPUs without VNNI).
+# q8 kernels are compiled into the cache (a no-op when cached, a log line on CPUs without AVX2).
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -135,7 +135,11 @@ def test_an_all_zero_block_gives_zero_not_nan() -> None:
     assert torch.allclose(out, _q8_reference(x, weight, None).float(), rtol=1e-5, atol=1e-5)
 
 
-def test_forcing_torch_or_vnni_selects_that_path_with_the_same_results(tmp_path: Path) -> None:
+def test_forcing_a_path_selects_it_and_every_native_build_gives_the_same_bits(
+    tmp_path: Path,
+) -> None:
+    """AVX2 and AVX512-VNNI (and AMX) sum the same integers with the same float steps: on a
+    CPU that runs both, the AVX2 build must match the AVX-512 one bit for bit."""
     script = (
         "import torch\n"
         "from qwen_grpc.engine import kernels\n"
@@ -147,37 +151,63 @@ def test_forcing_torch_or_vnni_selects_that_path_with_the_same_results(tmp_path:
         " 'out': out}, __import__('sys').argv[1])\n"
     )
     results = {}
-    for mode in ("torch", "vnni", "auto"):
+    for mode in ("torch", "vnni", "avx2", "auto"):
         target = tmp_path / f"{mode}.pt"
         env = {**os.environ, native.FORCE_ENV: mode}
+        # A build this process has not used yet compiles first.
         subprocess.run(
-            [sys.executable, "-c", script, str(target)], check=True, env=env, timeout=120
+            [sys.executable, "-c", script, str(target)], check=True, env=env, timeout=600
         )
         results[mode] = torch.load(target)
+    flags = native.cpu_flags()
     assert results["torch"]["native"] is False
     assert "torch fallback" in results["torch"]["path"]
     assert results["auto"]["native"] is kernels.native_available()
-    assert "AMX" not in results["vnni"]["path"]
+    for build in native.BUILDS:
+        runs = not native.missing_cpu_features(flags, build)
+        assert results[build.name]["native"] is runs
+        assert (f"native {build.label} extension" in results[build.name]["path"]) is runs
+        assert "AMX" not in results[build.name]["path"]
     # AMX tiles run batches where the CPU has them; same integers, same float steps, same bits.
-    has_amx = {"amx_tile", "amx_int8"} <= native.cpu_flags()
+    has_amx = {"amx_tile", "amx_int8"} <= flags
     assert ("AMX-INT8" in results["auto"]["path"]) is (has_amx and kernels.native_available())
-    for forced, vnni, auto in zip(
-        *(results[m]["out"] for m in ("torch", "vnni", "auto")), strict=True
-    ):
-        assert torch.equal(vnni, auto)
-        assert float((forced - auto).abs().max()) < 1e-5 * float(auto.abs().max())
+    natives = [mode for mode in ("vnni", "avx2", "auto") if results[mode]["native"]]
+    for index, fallback in enumerate(results["torch"]["out"]):
+        for mode in natives:
+            assert torch.equal(results[mode]["out"][index], results[natives[0]]["out"][index])
+            out = results[mode]["out"][index]
+            assert float((fallback - out).abs().max()) < 1e-5 * float(out.abs().max())
 
 
-def test_a_cpu_without_vnni_is_sent_to_the_fallback(tmp_path: Path) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n")
-    assert native.missing_cpu_features(native.cpu_flags(cpuinfo)) == ["avx512_vnni"]
-    assert native.missing_cpu_features(native.cpu_flags(tmp_path / "absent")) == [
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512_vnni",
-    ]
+def test_each_cpu_gets_the_fastest_build_it_runs(tmp_path: Path) -> None:
+    def flags(line: str) -> frozenset[str]:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {line}\n")
+        return native.cpu_flags(cpuinfo)
+
+    epyc_zen4 = flags("fpu sse avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni")
+    epyc_zen3 = flags("fpu sse avx2 fma f16c")
+    no_vnni = flags("fpu sse avx2 fma f16c avx512f avx512bw avx512vl")
+    old = flags("fpu sse sse4_2 avx")
+    assert native.pick_build(epyc_zen4, "auto") == (native.AVX512_VNNI, "")
+    assert native.pick_build(epyc_zen4, "avx2") == (native.AVX2, "")
+    assert native.pick_build(epyc_zen3, "auto") == (native.AVX2, "")
+    assert native.pick_build(no_vnni, "auto") == (native.AVX2, "")
+    assert native.pick_build(epyc_zen3, "vnni") == (
+        None,
+        "CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni for AVX512-VNNI",
+    )
+    assert native.pick_build(old, "auto") == (
+        None,
+        "CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni for AVX512-VNNI; "
+        "avx2, fma, f16c for AVX2",
+    )
+    assert native.pick_build(epyc_zen4, "torch") == (None, "QWEN_GRPC_KERNELS=torch")
+    assert native.pick_build(epyc_zen4, "sse") == (
+        None,
+        "unknown QWEN_GRPC_KERNELS='sse', expected one of auto, vnni, avx2, torch",
+    )
+    assert native.cpu_flags(tmp_path / "absent") == frozenset()
 
 
 @pytest.mark.skipif(
@@ -191,7 +221,9 @@ def test_a_built_library_loads_where_no_compiler_is_installed() -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "native AVX512-VNNI extension" in done.stdout
+    build = native.choose().build
+    assert build is not None
+    assert f"native {build.label} extension" in done.stdout
     assert "(prebuilt in" in done.stdout
 
 
@@ -214,10 +246,11 @@ def test_a_build_names_the_directory_it_built_in() -> None:
     """torch's load() appends to the flag list it is given; the hash must not move with it."""
     script = (
         "from qwen_grpc.engine.kernels import native\n"
-        "before = native.build_directory()\n"
-        "library = native.build_for_image()\n"
-        "assert library == before / 'qwen_q8.so' and library.exists(), (before, library)\n"
-        "assert native.build_directory() == before\n"
+        "before = [native.build_directory(build) for build in native.BUILDS]\n"
+        "libraries = native.build_for_image()\n"
+        "assert libraries == [d / 'qwen_q8.so' for d in before], (before, libraries)\n"
+        "assert all(library.exists() for library in libraries), libraries\n"
+        "assert [native.build_directory(build) for build in native.BUILDS] == before\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600

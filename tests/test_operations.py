@@ -186,7 +186,9 @@ def test_an_idle_health_watch_does_not_hold_a_sigterm_shutdown(
             except grpc.RpcError as error:
                 rest, ended_with = [], f"{error.code().name} ({error.details()})"
             watch_seconds = time.monotonic() - signalled
-            code = server.wait_exit(timeout=drain_delay + 2 - watch_seconds)
+            # Interpreter teardown after "stopped" takes seconds on a loaded 2-core host; a
+            # held drain would take the whole 20 s grace.
+            code = server.wait_exit(timeout=drain_delay + 8 - watch_seconds)
             exited = time.monotonic() - signalled
     finally:
         server.stop(timeout=30)
@@ -194,4 +196,4 @@ def test_an_idle_health_watch_does_not_hold_a_sigterm_shutdown(
     assert ended_with == "OK", f"the Watch ended {ended_with} {watch_seconds:.1f} s after SIGTERM"
     assert set(rest) <= {health_pb2.HealthCheckResponse.NOT_SERVING}
     assert code == 0, f"still running {exited:.1f} s after SIGTERM:\n{server.log_tail()}"
-    assert exited <= drain_delay + 2
+    assert exited <= drain_delay + 8

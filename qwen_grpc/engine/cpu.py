@@ -1,7 +1,7 @@
 """What this CPU is, in the terms that decide the engine's kernels and precision.
 
-The hosts differ: AMD EPYC with AVX512-BF16 and VNNI but no AMX, Intel Xeon with AMX. oneDNN
-takes other bf16 kernels on AMX, so greedy bf16 text differs by host; the start-up log names
+The hosts differ: AMD EPYC with AVX512-BF16 and VNNI but no AMX, AMD EPYC (Zen 3) with AVX2
+only, Intel Xeon with AMX. oneDNN takes other bf16 kernels on AMX, so greedy bf16 text differs by host; the start-up log names
 the features found so a user can tell which kind of machine answered.
 """
 

@@ -2,10 +2,10 @@
 
 Decode on CPU is memory-bandwidth bound: Q8_0 reads 1.125 bytes per weight instead of bf16's
 2, and with activations quantized per block of 32 the products are exact int8 dot products,
-so the error is llama.cpp's Q8_0 error and nothing more. On CPUs with AVX512-VNNI a C++
-extension (``q8.cpp``) runs the matmul (batches of 4+ rows on AMX-INT8 tiles where the CPU has
-them, with the same bits); elsewhere, or when ``QWEN_GRPC_KERNELS=torch``, a torch
-implementation of the same arithmetic does (``reference.py``). Both read one packed format
+so the error is llama.cpp's Q8_0 error and nothing more. On CPUs with AVX512-VNNI or AVX2 a
+C++ extension (``q8.cpp``) runs the matmul (batches of 4+ rows on AMX-INT8 tiles where the CPU
+has them; every build gives the same bits); elsewhere, or when ``QWEN_GRPC_KERNELS=torch``, a
+torch implementation of the same arithmetic does (``reference.py``). Both read one packed format
 (``layout.py``), so a weight quantized once works on either path.
 
 One :class:`Q8Weight` can back both a tied LM head (:meth:`Q8Weight.linear`) and the embedding
@@ -60,7 +60,8 @@ _POOL_DTYPES = (torch.int8, torch.float32, torch.bfloat16)
 
 
 def native_available() -> bool:
-    """True when this process runs the AVX512-VNNI extension (decided, and built, once)."""
+    """True when this process runs the native extension, AVX512-VNNI or AVX2 (decided, and
+    built, once)."""
     return native.choose().native
 
 

@@ -1,7 +1,8 @@
 """``python -m qwen_grpc.engine.kernels``: build (or find) the native kernels and say which path runs.
 
 ``make install`` runs it so the first server start does not pay the compile. ``--for-image``
-compiles whatever this CPU supports and fails instead of falling back (deploy/Dockerfile).
+compiles every build (AVX512-VNNI and AVX2) whatever this CPU supports, and fails instead of
+falling back (deploy/Dockerfile).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.for_image:
-        logging.getLogger(__name__).info("q8 kernels: built %s", native.build_for_image())
+        for library in native.build_for_image():
+            logging.getLogger(__name__).info("q8 kernels: built %s", library)
     else:
         kernel_path()
 

@@ -19,13 +19,12 @@
 
 namespace qwen_attention {
 
-using qwen_simd::exp_nonpositive;
-using qwen_simd::kLanes;
-using qwen_simd::load16;
-using qwen_simd::reduce16;
+using namespace qwen_simd;
 
 constexpr int64_t kMaxChunks = 16;  // head_dim up to 256
-constexpr int kAccumulators = 16;   // value-pass registers: heads per pass * chunks <= 16
+// Value-pass accumulators (heads per pass * chunks), sized to the vector registers: 16 of 32
+// with AVX-512, 4 vectors (8 of 16 registers) with AVX2.
+constexpr int kAccumulators = kWide ? 16 : 4;
 constexpr int64_t kCacheLine = 64;
 
 template <typename T>
@@ -49,28 +48,27 @@ inline void score_block(const float* queries, int64_t group, const T* keys,
                         const float* key_scales, int64_t count, float scale, float* scores,
                         int64_t padded) {
   constexpr int64_t dim = CHUNKS * kLanes;
-  __m512 partial[kLanes];
+  F32x16 partial[kLanes];
   for (int64_t j0 = 0; j0 < count; j0 += kLanes) {
     const int64_t width = std::min(kLanes, count - j0);
-    const __mmask16 in_range = static_cast<__mmask16>((1u << width) - 1u);
-    __m512 factor = _mm512_set1_ps(scale);
+    const Mask16 in_range = prefix(width);
+    F32x16 factor = broadcast(scale);
     if constexpr (kQuantized<T>) {
-      factor = _mm512_mul_ps(_mm512_maskz_loadu_ps(in_range, key_scales + j0), factor);
+      factor = mul(load_masked(in_range, key_scales + j0), factor);
     }
     for (int64_t g = 0; g < group; ++g) {
       const float* q = queries + g * dim;
       for (int64_t j = 0; j < width; ++j) {
         const T* k = keys + (j0 + j) * dim;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
+        F32x16 acc = mul(load(q), load16(k));
 #pragma GCC unroll 16
         for (int ch = 1; ch < CHUNKS; ++ch) {
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + ch * kLanes), load16(k + ch * kLanes), acc);
+          acc = fmadd(load(q + ch * kLanes), load16(k + ch * kLanes), acc);
         }
         partial[j] = acc;
       }
-      for (int64_t j = width; j < kLanes; ++j) partial[j] = _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(scores + g * padded + j0, in_range,
-                            _mm512_mul_ps(reduce16(partial), factor));
+      for (int64_t j = width; j < kLanes; ++j) partial[j] = zeros();
+      store_masked(scores + g * padded + j0, in_range, mul(reduce16(partial), factor));
     }
   }
 }
@@ -79,45 +77,40 @@ inline void score_block(const float* queries, int64_t group, const T* keys,
 // place, 1 / sum folded in so the value pass is one fma per chunk. False if nothing is
 // visible (every score -inf), leaving the head's output at zero.
 inline bool softmax_in_place(float* s, int64_t length, int64_t padded) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 top = neg_inf;
-  for (int64_t c = 0; c < padded; c += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(s + c));
-  const float peak = _mm512_reduce_max_ps(top);
+  F32x16 top = broadcast(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < padded; c += kLanes) top = maximum(top, load(s + c));
+  const float peak = reduce_max(top);
   if (peak == -std::numeric_limits<float>::infinity()) return false;
-  const __m512 shift = _mm512_set1_ps(peak);
-  __m512 total = _mm512_setzero_ps();
+  const F32x16 shift = broadcast(peak);
+  F32x16 total = zeros();
   for (int64_t c = 0; c < padded; c += kLanes) {
     const int64_t width = std::min(kLanes, length - c);
-    const __mmask16 in_range = static_cast<__mmask16>((1u << width) - 1u);
-    const __m512 e =
-        _mm512_maskz_mov_ps(in_range, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift)));
-    _mm512_storeu_ps(s + c, e);
-    total = _mm512_add_ps(total, e);
+    const F32x16 e = select(prefix(width), exp_nonpositive(sub(load(s + c), shift)), zeros());
+    store(s + c, e);
+    total = add(total, e);
   }
-  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int64_t c = 0; c < padded; c += kLanes) {
-    _mm512_storeu_ps(s + c, _mm512_mul_ps(_mm512_loadu_ps(s + c), inverse));
-  }
+  const F32x16 inverse = broadcast(1.0f / reduce_add(total));
+  for (int64_t c = 0; c < padded; c += kLanes) store(s + c, mul(load(s + c), inverse));
   return true;
 }
 
 // acc[g] += sum_j w[g, first + j] * v_j (* value_scale_j) over one block's `count` tokens.
 template <typename T, int CHUNKS, int PER_PASS>
-inline void accumulate_block(__m512 (&acc)[PER_PASS][CHUNKS], int64_t heads_in_pass,
+inline void accumulate_block(F32x16 (&acc)[PER_PASS][CHUNKS], int64_t heads_in_pass,
                              const float* weights, int64_t padded, const T* values,
                              const float* value_scales, int64_t count) {
   constexpr int64_t dim = CHUNKS * kLanes;
   for (int64_t j = 0; j < count; ++j) {
     const T* v = values + j * dim;
-    __m512 vf[CHUNKS];
+    F32x16 vf[CHUNKS];
 #pragma GCC unroll 16
     for (int ch = 0; ch < CHUNKS; ++ch) vf[ch] = load16(v + ch * kLanes);
     for (int64_t g = 0; g < heads_in_pass; ++g) {
       float weight = weights[g * padded + j];
       if constexpr (kQuantized<T>) weight *= value_scales[j];
-      const __m512 w = _mm512_set1_ps(weight);
+      const F32x16 w = broadcast(weight);
 #pragma GCC unroll 16
-      for (int ch = 0; ch < CHUNKS; ++ch) acc[g][ch] = _mm512_fmadd_ps(w, vf[ch], acc[g][ch]);
+      for (int ch = 0; ch < CHUNKS; ++ch) acc[g][ch] = fmadd(w, vf[ch], acc[g][ch]);
     }
   }
 }

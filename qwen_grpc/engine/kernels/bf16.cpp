@@ -12,15 +12,14 @@
 // (w[r, 2g], w[r, 2g + 1]), the even element in the low half. One 512-bit load then gives two
 // float32 vectors of 16 rows with two cheap integer operations and no shuffle: the even k is
 // `v << 16`, the odd k is `v & 0xffff0000`. Each is FMA'd with a broadcast activation of every
-// batch row, so one weight load serves up to 8 activation rows; larger batches loop over row
-// blocks of 8 while the tile (K * 32 bytes) stays in cache. Threads take tiles
+// batch row, so one weight load serves up to 8 activation rows (2 with AVX2's 16 registers);
+// larger batches loop over row blocks while the tile (K * 32 bytes) stays in cache. Threads take tiles
 // (`at::parallel_for`), so no output is split between threads either: results do not depend
-// on the thread count. Needs AVX512F only.
+// on the thread count. Written against simd.h: AVX512F, or AVX2 with fewer rows per weight load.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,48 +28,51 @@
 #include <optional>
 #include <utility>
 
+#include "simd.h"
+
 namespace {
+
+using namespace qwen_simd;
 
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kPairLanes = 2 * kTileRows;  // bf16 values in one 64-byte vector
 // Two accumulators per activation row, one for even and one for odd columns: a fixed summation
 // order whatever the batch size (a row gives the same bits alone or batched) that still keeps
 // two FMA chains in flight for a single row.
-constexpr int64_t kMaxBatchRows = 8;  // 16 accumulators, 2 weights and a mask in 32 registers
+// AVX-512: 16 accumulators, 2 weights and a mask in 32 registers; AVX2: 8 + 4 + 2 of 16.
+constexpr int64_t kMaxBatchRows = kWide ? 8 : 2;
 constexpr int64_t kKStep = 16;
 
 // One tile of 16 output rows times ROWS activation rows starting at x (row stride k).
 template <int ROWS>
 void tile_kernel(const uint16_t* w, const float* x, int64_t k, float* out, int64_t out_stride,
-                 const float* bias, __mmask16 valid) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
-  __m512 even_acc[ROWS];
-  __m512 odd_acc[ROWS];
+                 const float* bias, Mask16 valid) {
+  F32x16 even_acc[ROWS];
+  F32x16 odd_acc[ROWS];
 #pragma GCC unroll 8
   for (int m = 0; m < ROWS; ++m) {
-    even_acc[m] = _mm512_setzero_ps();
-    odd_acc[m] = _mm512_setzero_ps();
+    even_acc[m] = zeros();
+    odd_acc[m] = zeros();
   }
   for (int64_t col = 0; col < k; col += 2) {
-    const __m512i v = _mm512_loadu_si512(w + col * kTileRows);
-    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    F32x16 even;
+    F32x16 odd;
+    load_bf16_pairs(w + col * kTileRows, even, odd);
 #pragma GCC unroll 8
     for (int m = 0; m < ROWS; ++m) {
-      even_acc[m] = _mm512_fmadd_ps(even, _mm512_set1_ps(x[m * k + col]), even_acc[m]);
-      odd_acc[m] = _mm512_fmadd_ps(odd, _mm512_set1_ps(x[m * k + col + 1]), odd_acc[m]);
+      even_acc[m] = fmadd(even, broadcast(x[m * k + col]), even_acc[m]);
+      odd_acc[m] = fmadd(odd, broadcast(x[m * k + col + 1]), odd_acc[m]);
     }
   }
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
+  const F32x16 bv = bias ? load_masked(valid, bias) : zeros();
 #pragma GCC unroll 8
   for (int m = 0; m < ROWS; ++m) {
-    const __m512 sum = _mm512_add_ps(even_acc[m], odd_acc[m]);
-    _mm512_mask_storeu_ps(out + m * out_stride, valid, _mm512_add_ps(sum, bv));
+    store_masked(out + m * out_stride, valid, add(add(even_acc[m], odd_acc[m]), bv));
   }
 }
 
 using TileKernel = void (*)(const uint16_t*, const float*, int64_t, float*, int64_t, const float*,
-                            __mmask16);
+                            Mask16);
 
 template <int... R>
 constexpr auto make_kernels(std::integer_sequence<int, R...>) {
@@ -109,7 +111,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed,
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kTileRows;
       const int64_t width = std::min(kTileRows, out_features - n0);
-      const __mmask16 valid = static_cast<__mmask16>((1u << width) - 1u);
+      const Mask16 valid = prefix(width);
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxBatchRows) {
         const int64_t count = std::min(kMaxBatchRows, rows - m0);
         kKernels[count - 1](w + t * tile_values, x_ptr + m0 * k, k,

@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,11 +33,10 @@
 
 namespace {
 
+using namespace qwen_simd;
 using qwen_attention::check_pool;
 using qwen_attention::kAccumulators;
-using qwen_attention::kLanes;
 using qwen_attention::kMaxChunks;
-using qwen_attention::load16;
 using qwen_attention::scales_of;
 
 constexpr const char* kOp = "paged_chunk_attention";
@@ -80,11 +78,11 @@ template <typename T, int CHUNKS>
 inline void widen_tokens(const T* src, const float* scales, int64_t count, float* out) {
   constexpr int64_t dim = CHUNKS * kLanes;
   for (int64_t t = 0; t < count; ++t) {
-    const __m512 scale = _mm512_set1_ps(scales ? scales[t] : 1.0f);
+    const F32x16 scale = broadcast(scales ? scales[t] : 1.0f);
 #pragma GCC unroll 16
     for (int ch = 0; ch < CHUNKS; ++ch) {
-      const __m512 v = load16(src + t * dim + ch * kLanes);
-      _mm512_storeu_ps(out + t * dim + ch * kLanes, scales ? _mm512_mul_ps(v, scale) : v);
+      const F32x16 v = load16(src + t * dim + ch * kLanes);
+      store(out + t * dim + ch * kLanes, scales ? mul(v, scale) : v);
     }
   }
 }
@@ -135,90 +133,85 @@ void attend_lanes(const float* queries, int64_t lane0, int64_t lanes, int64_t gr
   for (int64_t r = lanes; r < kLanes; ++r) {
     for (int64_t d = 0; d < dim; ++d) transposed[d * kLanes + r] = 0.0f;
   }
-  const __m512i limits = _mm512_load_si512(limit);
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 factor = _mm512_set1_ps(scale);
-  const auto visible = [&](int64_t t) {
-    return _mm512_cmplt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(t)), limits);
-  };
+  const I32x16 limits = load_int(limit);
+  const F32x16 neg_inf = broadcast(-std::numeric_limits<float>::infinity());
+  const F32x16 factor = broadcast(scale);
+  const auto visible = [&](int64_t t) { return below(static_cast<int32_t>(t), limits); };
 
   constexpr int64_t kKeysPerPass = 4;
-  __m512 top = neg_inf;
+  F32x16 top = neg_inf;
   for (int64_t t0 = 0; t0 < reach; t0 += kKeysPerPass) {
     const int64_t count = std::min(kKeysPerPass, reach - t0);
-    __m512 acc[kKeysPerPass];
+    F32x16 acc[kKeysPerPass];
 #pragma GCC unroll 4
-    for (int j = 0; j < kKeysPerPass; ++j) acc[j] = _mm512_setzero_ps();
+    for (int j = 0; j < kKeysPerPass; ++j) acc[j] = zeros();
     const float* k = keys + t0 * dim;
     if (count == kKeysPerPass) {
 #pragma GCC unroll 8
       for (int64_t d = 0; d < dim; ++d) {
-        const __m512 q = _mm512_load_ps(transposed + d * kLanes);
+        const F32x16 q = load(transposed + d * kLanes);
 #pragma GCC unroll 4
         for (int j = 0; j < kKeysPerPass; ++j) {
-          acc[j] = _mm512_fmadd_ps(q, _mm512_set1_ps(k[j * dim + d]), acc[j]);
+          acc[j] = fmadd(q, broadcast(k[j * dim + d]), acc[j]);
         }
       }
     } else {
       for (int64_t d = 0; d < dim; ++d) {
-        const __m512 q = _mm512_load_ps(transposed + d * kLanes);
+        const F32x16 q = load(transposed + d * kLanes);
         for (int64_t j = 0; j < count; ++j) {
-          acc[j] = _mm512_fmadd_ps(q, _mm512_set1_ps(k[j * dim + d]), acc[j]);
+          acc[j] = fmadd(q, broadcast(k[j * dim + d]), acc[j]);
         }
       }
     }
     for (int64_t j = 0; j < count; ++j) {
       const int64_t t = t0 + j;
-      const __m512 score = _mm512_mask_mov_ps(neg_inf, visible(t), _mm512_mul_ps(acc[j], factor));
-      _mm512_store_ps(scores + t * kLanes, score);
-      top = _mm512_max_ps(top, score);
+      const F32x16 score = select(visible(t), mul(acc[j], factor), neg_inf);
+      store(scores + t * kLanes, score);
+      top = maximum(top, score);
     }
   }
   // Every real lane sees token 0, so its max is finite; padding lanes get 0 to stay NaN-free.
-  top = _mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmpneq_ps_mask(top, neg_inf), top);
-  __m512 total = _mm512_setzero_ps();
+  top = select(not_equal(top, neg_inf), top, zeros());
+  F32x16 total = zeros();
   for (int64_t t = 0; t < reach; ++t) {
-    const __m512 e = _mm512_maskz_mov_ps(
-        visible(t), qwen_attention::exp_nonpositive(
-                        _mm512_sub_ps(_mm512_load_ps(scores + t * kLanes), top)));
-    _mm512_store_ps(scores + t * kLanes, e);
-    total = _mm512_add_ps(total, e);
+    const F32x16 e =
+        select(visible(t), exp_nonpositive(sub(load(scores + t * kLanes), top)), zeros());
+    store(scores + t * kLanes, e);
+    total = add(total, e);
   }
   alignas(64) float inverse[kLanes];
-  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(total, _mm512_set1_ps(
-                                                                   std::numeric_limits<float>::min()))));
+  store(inverse,
+        div(broadcast(1.0f), maximum(total, broadcast(std::numeric_limits<float>::min()))));
 
   constexpr int per_pass = std::max(1, kAccumulators / CHUNKS);
   for (int64_t r0 = 0; r0 < lanes; r0 += per_pass) {
     const int64_t in_pass = std::min<int64_t>(per_pass, lanes - r0);
     const int64_t pass_reach = position + query_of(r0 + in_pass - 1) + 1;
-    __m512 acc[per_pass][CHUNKS];
+    F32x16 acc[per_pass][CHUNKS];
 #pragma GCC unroll 16
     for (int r = 0; r < per_pass; ++r) {
 #pragma GCC unroll 16
-      for (int ch = 0; ch < CHUNKS; ++ch) acc[r][ch] = _mm512_setzero_ps();
+      for (int ch = 0; ch < CHUNKS; ++ch) acc[r][ch] = zeros();
     }
     for (int64_t t = 0; t < pass_reach; ++t) {
-      __m512 v[CHUNKS];
+      F32x16 v[CHUNKS];
 #pragma GCC unroll 16
-      for (int ch = 0; ch < CHUNKS; ++ch) v[ch] = _mm512_loadu_ps(values + t * dim + ch * kLanes);
+      for (int ch = 0; ch < CHUNKS; ++ch) v[ch] = load(values + t * dim + ch * kLanes);
       const float* w = scores + t * kLanes + r0;
 #pragma GCC unroll 16
       for (int r = 0; r < per_pass; ++r) {
-        const __m512 weight = _mm512_set1_ps(w[r]);
+        const F32x16 weight = broadcast(w[r]);
 #pragma GCC unroll 16
-        for (int ch = 0; ch < CHUNKS; ++ch) acc[r][ch] = _mm512_fmadd_ps(weight, v[ch], acc[r][ch]);
+        for (int ch = 0; ch < CHUNKS; ++ch) acc[r][ch] = fmadd(weight, v[ch], acc[r][ch]);
       }
     }
     for (int64_t r = 0; r < in_pass; ++r) {
       const int64_t lane = r0 + r;
       const int64_t i = query_of(lane);
       float* o = out + (i * heads + kv_head * group + (lane0 + lane) % group) * dim;
-      const __m512 norm = _mm512_set1_ps(inverse[lane]);
+      const F32x16 norm = broadcast(inverse[lane]);
 #pragma GCC unroll 16
-      for (int ch = 0; ch < CHUNKS; ++ch) {
-        _mm512_storeu_ps(o + ch * kLanes, _mm512_mul_ps(acc[r][ch], norm));
-      }
+      for (int ch = 0; ch < CHUNKS; ++ch) store(o + ch * kLanes, mul(acc[r][ch], norm));
     }
   }
 }

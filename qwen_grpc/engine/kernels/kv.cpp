@@ -1,7 +1,7 @@
 // The int8 KV cache's write side (one scale per token and head): `qwen_q8::quantize_kv`.
 // paged.cpp's decode attention reads what it writes.
 //
-// Quantization is kv_layout.py's arithmetic in AVX512: scale = max|x| / 127, q = x * (1 / scale)
+// Quantization is kv_layout.py's arithmetic in vectors (simd.h): scale = max|x| / 127, q = x * (1 / scale)
 // rounded to nearest even; natively because a decode step quantizes 2 x layers tiny tensors,
 // where torch's per-op overhead (~20 us a call) cost as much as the attention itself.
 
@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -19,21 +18,19 @@
 
 namespace {
 
-using qwen_simd::kLanes;
-using qwen_simd::load16;
+using namespace qwen_simd;
 
 template <typename T>
 void quantize_tokens(const T* x, int8_t* q, float* scales, int64_t tokens, int64_t dim) {
   at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* row = x + t * dim;
-      __m512 top = _mm512_setzero_ps();
-      for (int64_t d = 0; d < dim; d += kLanes) top = _mm512_max_ps(top, _mm512_abs_ps(load16(row + d)));
-      const float scale = _mm512_reduce_max_ps(top) / 127.0f;
-      const __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+      F32x16 top = zeros();
+      for (int64_t d = 0; d < dim; d += kLanes) top = maximum(top, absolute(load16(row + d)));
+      const float scale = reduce_max(top) / 127.0f;
+      const F32x16 inverse = broadcast(scale != 0.0f ? 1.0f / scale : 0.0f);
       for (int64_t d = 0; d < dim; d += kLanes) {
-        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(row + d), inverse));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + t * dim + d), _mm512_cvtsepi32_epi8(v));
+        store_int8(q + t * dim + d, mul(load16(row + d), inverse));
       }
       scales[t] = scale;
     }

@@ -4,9 +4,9 @@ llama.cpp's Q8_0 arithmetic: blocks of 32 along K, scale ``d = max|w| / 127``, v
 ``round(w * (1 / d))`` (round half to even, as the AVX512 conversion does). The layout is the
 native kernel's: output rows in tiles of 16, each tile's 16 x 32 block stored as 8 vectors of
 64 bytes where vector ``g`` holds bytes ``w[r, 4g:4g + 4]`` of every row ``r`` side by side, so
-one 512-bit load feeds a VNNI dot product for 16 rows at once. Values are stored offset by
-+128 (``uint8``) because vpdpbusd multiplies unsigned by signed bytes; the kernel subtracts
-``128 * sum(x)`` to stay exact. The torch fallback reads the same tensors.
+one 512-bit load (two 256-bit ones on AVX2) feeds a dot product for 16 rows at once. Values are
+stored offset by +128 (``uint8``) because vpdpbusd multiplies unsigned by signed bytes; the VNNI
+kernel subtracts ``128 * sum(x)`` to stay exact, the AVX2 one flips the top bit back. The torch fallback reads the same tensors.
 """
 
 from __future__ import annotations

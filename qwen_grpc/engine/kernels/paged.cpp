@@ -23,7 +23,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,6 +40,7 @@ namespace {
 
 using qwen_attention::accumulate_block;
 using qwen_attention::check_pool;
+using qwen_attention::F32x16;
 using qwen_attention::kAccumulators;
 using qwen_attention::kLanes;
 using qwen_attention::kMaxChunks;
@@ -49,6 +49,8 @@ using qwen_attention::prefetch_rows;
 using qwen_attention::scales_of;
 using qwen_attention::score_block;
 using qwen_attention::softmax_in_place;
+using qwen_attention::store;
+using qwen_attention::zeros;
 constexpr const char* kOp = "paged_decode_attention";
 // Fixed per-task cost in the thread split, in tokens: a task with a short row still pays
 // for its softmax and output stores.
@@ -114,10 +116,10 @@ void attend_paged(const PagedProblem<T>& p, int64_t row, int64_t kv_head, Scratc
   constexpr int per_pass = std::max(1, kAccumulators / CHUNKS);
   for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
     const int64_t count = std::min<int64_t>(per_pass, group - g0);
-    __m512 acc[per_pass][CHUNKS];
+    F32x16 acc[per_pass][CHUNKS];
     for (int g = 0; g < per_pass; ++g) {
 #pragma GCC unroll 16
-      for (int ch = 0; ch < CHUNKS; ++ch) acc[g][ch] = _mm512_setzero_ps();
+      for (int ch = 0; ch < CHUNKS; ++ch) acc[g][ch] = zeros();
     }
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t first = first_token(table[b]);
@@ -133,7 +135,7 @@ void attend_paged(const PagedProblem<T>& p, int64_t row, int64_t kv_head, Scratc
       if (!live[g0 + g]) continue;
 #pragma GCC unroll 16
       for (int ch = 0; ch < CHUNKS; ++ch) {
-        _mm512_storeu_ps(out + (g0 + g) * dim + ch * kLanes, acc[g][ch]);
+        store(out + (g0 + g) * dim + ch * kLanes, acc[g][ch]);
       }
     }
   }

@@ -1,4 +1,6 @@
-// Q8_0 linear and row gather for x86 CPUs with AVX512-VNNI, registered as torch ops `qwen_q8::*`.
+// Q8_0 linear and row gather for x86 CPUs with AVX512-VNNI or AVX2, registered as torch ops
+// `qwen_q8::*`. The instruction set is the build's: compiled with -mavx512vnni (and F/BW/VL)
+// the file is the VNNI and AMX paths below; compiled with -mavx2 -mfma only, it is the AVX2 path.
 //
 // Arithmetic (llama.cpp's Q8_0 x Q8_0 dot product): weights and activations are quantized in
 // blocks of 32 along K with scale d = max|v| / 127 and q = round_to_nearest_even(v * (1 / d)).
@@ -20,6 +22,15 @@
 // vpdpbusd. The int32 sums are the same integers, and the float epilogue is the same operations
 // in the same order, so both paths give bit-identical outputs. Large batches are walked in row
 // chunks that fit in L2, so a prompt's activations are not re-read from memory per weight tile.
+//
+// The AVX2 build (AMD Zen 3 and older Intel) reads the same layout as two 256-bit halves per
+// vector (rows 0-7, rows 8-15) and has no unsigned x signed byte dot product that cannot
+// saturate, so it takes llama.cpp's sign trick instead of the offset: with w = u8 ^ 0x80 (the
+// signed weight), vpmaddubsw(|w|, sign(x, w)) multiplies the unsigned |w| by x carrying w's sign,
+// giving w x in int16 pairs that cannot saturate (|w|, |x| <= 127, so a pair is at most 32258),
+// and vpmaddwd by 1 sums each row's 4 products into int32. The block sums are the same exact
+// integers as vpdpbusd's, quantization and the float epilogue are the same operations per lane,
+// so the AVX2 build gives the same bits as the VNNI and AMX paths.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,17 +39,22 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <cpuid.h>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <utility>
+
+#include "simd.h"
+
+#if defined(__AVX512VNNI__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#endif
 
 namespace {
 
@@ -46,32 +62,42 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileBlockBytes = kTileRows * kBlock;
 constexpr int64_t kGroups = kBlock / 4;
-constexpr int64_t kMaxBatchRows = 16;
-// Below this many rows a call is bound by reading the weights, and VNNI reaches that bound.
-constexpr int64_t kAmxMinRows = 4;
 // Activation bytes per row chunk: with the weight tile being read, well inside a 1-2 MB L2.
 constexpr int64_t kChunkBytes = 512 * 1024;
 
+#if defined(__AVX512VNNI__)
+constexpr int64_t kMaxBatchRows = 16;
+// Below this many rows a call is bound by reading the weights, and VNNI reaches that bound.
+constexpr int64_t kAmxMinRows = 4;
+#else
+// 16 ymm registers: a row takes two int32 sums (plus two float accumulators, touched once per
+// block), beside a group's two weight halves, their absolute values and a broadcast. Measured on
+// Zen 3 (one thread, 256 rows times a 2816 x 1024 weight, best of 3): 1 row per kernel 17.8 ms,
+// 2 rows 14.5, 3 rows 14.2, 4 rows 12.9, 5 rows 13.2, 6 rows 14.3 (the sums spill).
+constexpr int64_t kMaxBatchRows = 4;
+#endif
+
 // Activations quantized once per call, stored block-major ([block][row][32], [block][row]) so
 // the rows of one K block sit at constant offsets from one pointer. Each block keeps its scale
-// and -128 * sum(q), the start value of the integer accumulator that undoes the weight offset.
+// and, for VNNI and AMX, -128 * sum(q): the start value of the integer accumulator that undoes
+// the weight offset (the AVX2 sign trick multiplies by the signed weights and needs none).
 struct QuantizedRows {
-  const int8_t* values;
-  const float* scales;
-  const int32_t* starts;
+  int8_t* values;
+  float* scales;
+#if defined(__AVX512VNNI__)
+  int32_t* starts;
+#endif
   int64_t rows;
   int64_t blocks;
 };
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#if defined(__AVX512VNNI__)
 
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using qwen_simd::load16;
 
+// Block i of `q` from the 32 values at x.
 template <typename T>
-void quantize_block(const T* x, int8_t* q, float* scale, int32_t* start) {
+void quantize_block(const T* x, const QuantizedRows& q, int64_t i) {
   const __m512 lo = load16(x);
   const __m512 hi = load16(x + 16);
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -79,32 +105,20 @@ void quantize_block(const T* x, int8_t* q, float* scale, int32_t* start) {
   const __m512 inv = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
   const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
   const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(qlo));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(qhi));
-  *scale = d;
-  *start = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  int8_t* values = q.values + i * kBlock;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(values), _mm512_cvtsepi32_epi8(qlo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16), _mm512_cvtsepi32_epi8(qhi));
+  q.scales[i] = d;
+  q.starts[i] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
 }
 
-template <typename T>
-void quantize_rows(const at::Tensor& x, int64_t stride, int8_t* q, float* scales,
-                   int32_t* starts) {
-  const int64_t rows = x.size(0);
-  const int64_t k = x.size(1);
-  const int64_t blocks = k / kBlock;
-  const T* base = x.data_ptr<T>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t i = b * stride + m;
-        quantize_block(base + m * k + b * kBlock, q + i * kBlock, scales + i, starts + i);
-      }
-    }
-  });
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t i = b * stride + rows;
-    std::memset(q + i * kBlock, 0, (stride - rows) * kBlock);
-    std::fill(scales + i, scales + b * stride + stride, 0.0f);
-    std::fill(starts + i, starts + b * stride + stride, 0);
+// Zero rows [rows, q.rows) of every block: AMX reads them as part of its 16-row A tiles.
+void clear_padding(const QuantizedRows& q, int64_t rows) {
+  for (int64_t b = 0; b < q.blocks; ++b) {
+    const int64_t i = b * q.rows + rows;
+    std::memset(q.values + i * kBlock, 0, (q.rows - rows) * kBlock);
+    std::fill(q.scales + i, q.scales + b * q.rows + q.rows, 0.0f);
+    std::fill(q.starts + i, q.starts + b * q.rows + q.rows, 0);
   }
 }
 
@@ -122,10 +136,11 @@ inline __m512 add_block(__m512 acc, __m512i sum, __m512 weight_scales, float row
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc);
 }
 
-// The tile's ROWS accumulators, plus the bias, into the output's valid columns.
+// The tile's ROWS accumulators, plus the bias, into the output's first `width` columns.
 template <int ROWS>
 inline void store_rows(const __m512 (&acc)[ROWS], float* out, int64_t row0, int64_t out_stride,
-                       const float* bias, __mmask16 valid) {
+                       const float* bias, int64_t width) {
+  const __mmask16 valid = static_cast<__mmask16>((1u << width) - 1u);
   const __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
 #pragma GCC unroll 16
   for (int m = 0; m < ROWS; ++m) {
@@ -136,7 +151,7 @@ inline void store_rows(const __m512 (&acc)[ROWS], float* out, int64_t row0, int6
 // One tile of 16 output rows times ROWS activation rows; each weight vector is loaded once.
 template <int ROWS>
 void tile_kernel(const uint8_t* w, const float* w_scales, const QuantizedRows& x, int64_t row0,
-                 float* out, int64_t out_stride, const float* bias, __mmask16 valid) {
+                 float* out, int64_t out_stride, const float* bias, int64_t width) {
   __m512 acc[ROWS];
 #pragma GCC unroll 16
   for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
@@ -162,18 +177,140 @@ void tile_kernel(const uint8_t* w, const float* w_scales, const QuantizedRows& x
     xs += x.rows;
     xstart += x.rows;
   }
-  store_rows<ROWS>(acc, out, row0, out_stride, bias, valid);
+  store_rows<ROWS>(acc, out, row0, out_stride, bias, width);
+}
+
+#else
+
+// Block i of `q` from the 32 values at x, as the VNNI build computes it: the maximum is exact
+// in any order, and the scale and the rounding, saturating conversion are the same operations
+// (simd.h).
+template <typename T>
+void quantize_block(const T* x, const QuantizedRows& q, int64_t i) {
+  using namespace qwen_simd;
+  const F32x16 lo = load16(x);
+  const F32x16 hi = load16(x + 16);
+  const float d = reduce_max(maximum(absolute(lo), absolute(hi))) / 127.0f;
+  const F32x16 inv = broadcast(d != 0.0f ? 1.0f / d : 0.0f);
+  store_int8(q.values + i * kBlock, mul(lo, inv));
+  store_int8(q.values + i * kBlock + 16, mul(hi, inv));
+  q.scales[i] = d;
+}
+
+// One K block's exact int32 sums of a row for 8 of the tile's rows, scaled and accumulated as
+// the VNNI build's add_block does, lane by lane.
+inline __m256 add_block(__m256 acc, __m256i sum, __m256 weight_scales, float row_scale) {
+  const __m256 d = _mm256_mul_ps(weight_scales, _mm256_set1_ps(row_scale));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, acc);
+}
+
+// The tile's ROWS accumulators (lanes 0-7 and 8-15), plus the bias, into the output's first
+// `width` columns. Without a bias +0 is added, as in the VNNI build, so -0 sums give +0 in both.
+template <int ROWS>
+inline void store_rows(const __m256 (&acc)[ROWS][2], float* out, int64_t row0,
+                       int64_t out_stride, const float* bias, int64_t width) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i valid[2] = {
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(width)), lanes),
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(width) - 8), lanes)};
+  __m256 bv[2];
+  for (int h = 0; h < 2; ++h) {
+    bv[h] = bias ? _mm256_maskload_ps(bias + 8 * h, valid[h]) : _mm256_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < ROWS; ++m) {
+    for (int h = 0; h < 2; ++h) {
+      _mm256_maskstore_ps(out + (row0 + m) * out_stride + 8 * h, valid[h],
+                          _mm256_add_ps(acc[m][h], bv[h]));
+    }
+  }
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+// One tile of 16 output rows times ROWS activation rows. Each 4-byte group's two weight halves
+// (and their absolute values) are loaded once and serve every row; each broadcast activation
+// word serves both halves.
+template <int ROWS>
+void tile_kernel(const uint8_t* w, const float* w_scales, const QuantizedRows& x, int64_t row0,
+                 float* out, int64_t out_stride, const float* bias, int64_t width) {
+  const __m256i sign_bit = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[ROWS][2];
+#pragma GCC unroll 16
+  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const int8_t* xq = x.values + row0 * kBlock;
+  const float* xs = x.scales + row0;
+  for (int64_t b = 0; b < x.blocks; ++b) {
+    const uint8_t* wb = w + b * kTileBlockBytes;
+    __m256i sum[ROWS][2];
+#pragma GCC unroll 16
+    for (int m = 0; m < ROWS; ++m) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = 0; g < kGroups; ++g) {
+      __m256i wv[2];
+      __m256i magnitude[2];
+      for (int h = 0; h < 2; ++h) {
+        wv[h] = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 64 + h * 32)), sign_bit);
+        magnitude[h] = _mm256_sign_epi8(wv[h], wv[h]);
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < ROWS; ++m) {
+        const __m256i xv = broadcast4(xq + m * kBlock + 4 * g);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i products = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xv, wv[h]));
+          sum[m][h] = _mm256_add_epi32(sum[m][h], _mm256_madd_epi16(products, ones));
+        }
+        // An empty asm that "changes" the sums, so GCC adds the groups in order: otherwise it
+        // re-associates each row's 8 additions into a tree, whose partial sums do not fit in 16
+        // registers and spill (about 15% slower on Zen 3 at 4 rows).
+        __asm__("" : "+x"(sum[m][0]), "+x"(sum[m][1]));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 ws = _mm256_loadu_ps(w_scales + b * kTileRows + 8 * h);
+#pragma GCC unroll 16
+      for (int m = 0; m < ROWS; ++m) acc[m][h] = add_block(acc[m][h], sum[m][h], ws, xs[m]);
+    }
+    xq += x.rows * kBlock;
+    xs += x.rows;
+  }
+  store_rows<ROWS>(acc, out, row0, out_stride, bias, width);
+}
+
+#endif
+
+template <typename T>
+void quantize_rows(const at::Tensor& x, const QuantizedRows& q) {
+  const int64_t rows = x.size(0);
+  const int64_t k = x.size(1);
+  const T* base = x.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t b = 0; b < q.blocks; ++b) {
+        quantize_block(base + m * k + b * kBlock, q, b * q.rows + m);
+      }
+    }
+  });
 }
 
 using TileKernel = void (*)(const uint8_t*, const float*, const QuantizedRows&, int64_t, float*,
-                            int64_t, const float*, __mmask16);
+                            int64_t, const float*, int64_t);
+using TileKernels = std::array<TileKernel, kMaxBatchRows>;
 
 template <int... R>
-constexpr auto make_kernels(std::integer_sequence<int, R...>) {
-  return std::array<TileKernel, sizeof...(R)>{&tile_kernel<R + 1>...};
+constexpr TileKernels make_kernels(std::integer_sequence<int, R...>) {
+  return {&tile_kernel<R + 1>...};
 }
 
-constexpr auto kKernels = make_kernels(std::make_integer_sequence<int, kMaxBatchRows>{});
+constexpr TileKernels kKernels = make_kernels(std::make_integer_sequence<int, kMaxBatchRows>{});
+
+#if defined(__AVX512VNNI__)
 
 // Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM);
 // without it the first tile instruction faults. Asked once, here, before any tile is touched.
@@ -242,7 +379,7 @@ __attribute__((target("amx-tile,amx-int8"))) inline void block_sums(const int8_t
 template <int ROWS>
 __attribute__((target("amx-tile,amx-int8"))) void amx_tile_kernel(
     const uint8_t* w, const float* w_scales, const QuantizedRows& x, int64_t row0, float* out,
-    int64_t out_stride, const float* bias, __mmask16 valid) {
+    int64_t out_stride, const float* bias, int64_t width) {
   alignas(64) int32_t sums[2][kTileRows * kTileRows];
   __m512 acc[ROWS];
 #pragma GCC unroll 16
@@ -273,15 +410,18 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile_kernel(
     xs += x.rows;
     xstart += x.rows;
   }
-  store_rows<ROWS>(acc, out, row0, out_stride, bias, valid);
+  store_rows<ROWS>(acc, out, row0, out_stride, bias, width);
 }
 
 template <int... R>
-constexpr auto make_amx_kernels(std::integer_sequence<int, R...>) {
-  return std::array<TileKernel, sizeof...(R)>{&amx_tile_kernel<R + 1>...};
+constexpr TileKernels make_amx_kernels(std::integer_sequence<int, R...>) {
+  return {&amx_tile_kernel<R + 1>...};
 }
 
-constexpr auto kAmxKernels = make_amx_kernels(std::make_integer_sequence<int, kMaxBatchRows>{});
+constexpr TileKernels kAmxKernels =
+    make_amx_kernels(std::make_integer_sequence<int, kMaxBatchRows>{});
+
+#endif
 
 void check_weight(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
@@ -313,50 +453,69 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
     bias_ptr = bias->data_ptr<float>();
   }
   const int64_t rows = x.size(0);
+#if defined(__AVX512VNNI__)
   // Zero rows pad the quantized activations to whole 16-row A tiles; no output reads them.
-  const int64_t padded = (rows + kMaxBatchRows - 1) / kMaxBatchRows * kMaxBatchRows;
+  const int64_t padded = (rows + kTileRows - 1) / kTileRows * kTileRows;
+#else
+  const int64_t padded = rows;
+#endif
   at::Tensor xq = at::empty({blocks, padded, kBlock}, x.options().dtype(at::kChar));
   at::Tensor xs = at::empty({blocks, padded}, x.options().dtype(at::kFloat));
+#if defined(__AVX512VNNI__)
   at::Tensor xc = at::empty({blocks, padded}, x.options().dtype(at::kInt));
-  if (x.scalar_type() == at::kFloat) {
-    quantize_rows<float>(x, padded, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                         xc.data_ptr<int32_t>());
-  } else {
-    quantize_rows<c10::BFloat16>(x, padded, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                                 xc.data_ptr<int32_t>());
-  }
   const QuantizedRows qx{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xc.data_ptr<int32_t>(),
                          padded, blocks};
+  clear_padding(qx, rows);
+#else
+  const QuantizedRows qx{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), padded, blocks};
+#endif
+  if (x.scalar_type() == at::kFloat) {
+    quantize_rows<float>(x, qx);
+  } else {
+    quantize_rows<c10::BFloat16>(x, qx);
+  }
   at::Tensor out = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* ws = scales.data_ptr<float>();
-  const bool amx = rows >= kAmxMinRows && use_amx.load(std::memory_order_relaxed);
-  const auto& kernels = amx ? kAmxKernels : kKernels;
   const int64_t chunk =
       std::max(kMaxBatchRows, kChunkBytes / k / kMaxBatchRows * kMaxBatchRows);
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
-    if (amx) configure_tiles();
+  // Tiles [begin, end) times every row, chunk by chunk, kMaxBatchRows rows per kernel call.
+  const auto run = [&](const TileKernels& kernels, int64_t begin, int64_t end) {
     for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
       const int64_t c1 = std::min(rows, c0 + chunk);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * kTileRows;
         const int64_t width = std::min(kTileRows, out_features - n0);
-        const __mmask16 valid = static_cast<__mmask16>((1u << width) - 1u);
         const uint8_t* wt = w + t * blocks * kTileBlockBytes;
         const float* st = ws + t * blocks * kTileRows;
         for (int64_t m0 = c0; m0 < c1; m0 += kMaxBatchRows) {
           const int64_t count = std::min(kMaxBatchRows, c1 - m0);
           kernels[count - 1](wt, st, qx, m0, out_ptr + n0, out_features,
-                             bias_ptr ? bias_ptr + n0 : nullptr, valid);
+                             bias_ptr ? bias_ptr + n0 : nullptr, width);
         }
       }
     }
-    if (amx) release_tiles();
+  };
+#if defined(__AVX512VNNI__)
+  const bool amx = rows >= kAmxMinRows && use_amx.load(std::memory_order_relaxed);
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+    if (amx) {
+      configure_tiles();
+      run(kAmxKernels, begin, end);
+      release_tiles();
+    } else {
+      run(kKernels, begin, end);
+    }
   });
+#else
+  at::parallel_for(0, packed.size(0), 1,
+                   [&](int64_t begin, int64_t end) { run(kKernels, begin, end); });
+#endif
   return out;
 }
 
+#if defined(__AVX512VNNI__)
 // Turns the AMX path on or off (on only where the CPU has AMX-INT8 and Linux grants its tile
 // state) and says whether it is on, so the Python side can log the path that runs.
 bool q8_use_amx(bool wanted) {
@@ -364,6 +523,10 @@ bool q8_use_amx(bool wanted) {
   use_amx.store(on, std::memory_order_relaxed);
   return on;
 }
+#else
+// The AVX2 build has no AMX path: the op exists so the Python side need not know the build.
+bool q8_use_amx(bool) { return false; }
+#endif
 
 at::Tensor q8_rows(const at::Tensor& packed, const at::Tensor& scales, int64_t out_features,
                    const at::Tensor& index) {

@@ -1,4 +1,4 @@
-"""The Q8_0 arithmetic in plain torch: the path on CPUs without AVX512-VNNI, and the tests' twin.
+"""The Q8_0 arithmetic in plain torch: the path on CPUs without AVX2, and the tests' twin.
 
 It computes what the native kernel computes, not an approximation of it: activations are
 quantized per block of 32 with the same fp32 operations, each block's integer dot product is
