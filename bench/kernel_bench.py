@@ -7,7 +7,8 @@ full passes over them for the native q8 kernel, its torch fallback (batch 1 at t
 thread count only: it is slow), oneDNN's packed bf16 linear (what
 ``fast_linear.PackedBf16Linear`` runs: bf16 in and out) and the native bf16-weight linear with
 float32 activations and outputs (``bf16_fp32_out``, the same weight bytes as oneDNN's, computed
-in float32). On AMX hosts ``q8_native`` runs batches of 4+ rows on AMX tiles and ``q8_vnni`` is
+in float32). oneDNN packs bf16 only on AVX-512 or AVX-NE-CONVERT CPUs; elsewhere its column is
+left out. On AMX hosts ``q8_native`` runs batches of 4+ rows on AMX tiles and ``q8_vnni`` is
 the same kernel held on AVX512-VNNI. Batch 56 is a chunk step's pass: 7 decode tokens beside a
 48-token prompt chunk and one more. GB/s counts the weight bytes a pass reads. Writes its
 keys of ``bench/results/kernels.json`` and ``kernels.md`` (see ``kernel_results``).
@@ -27,6 +28,7 @@ import torch
 
 from bench.kernel_results import RESULTS, write_results
 from bench.machine import load_average, machine_info
+from qwen_grpc.engine.fast_linear import can_pack_bf16
 from qwen_grpc.engine.kernels import (
     Bf16Weight,
     Q8Weight,
@@ -55,7 +57,7 @@ class Matrix:
 
     kind: str
     q8: Q8Weight
-    bf16: torch.Tensor
+    bf16: torch.Tensor | None
     bf16_fp32: Bf16Weight
     in_features: int
 
@@ -71,7 +73,7 @@ def build_matrices(seed: int) -> list[Matrix]:
     matrices = []
     for kind, (n, k) in _shapes():
         weight = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if can_pack_bf16() else None
         matrices.append(Matrix(kind, quantize_q8(weight), packed, pack_bf16(weight), k))
     return matrices
 
@@ -138,7 +140,9 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
     info = machine_info()
     _LOGGER.info("building %d matrices", len(_shapes()))
     matrices = build_matrices(seed)
-    kernels: dict[str, Callable[[Matrix], Linear]] = {"onednn_bf16": _onednn_bf16}
+    kernels: dict[str, Callable[[Matrix], Linear]] = {}
+    if can_pack_bf16():
+        kernels["onednn_bf16"] = _onednn_bf16
     if native_available():
         kernels["q8_native"] = _q8_native
         if native.choose().amx:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -51,6 +52,14 @@ from qwen_grpc.engine.types import (
 
 _LOGGER = logging.getLogger(__name__)
 _RETRY_AFTER_SECONDS = 1.0
+SWITCH_INTERVAL_S = 0.0002
+"""How long another Python thread may keep the GIL once the engine thread asks for it.
+
+The engine thread gives the GIL up inside every torch operator (about a thousand a decode step)
+and must win it back after each; with CPython's default of 5 ms, a gRPC handler or grpc's
+polling thread that took it meanwhile kept the engine waiting. Measured through the real server
+on an AMD EPYC (Zen 3, 2 cores), q8: a single stream's decode step went from 36.3 to 29.9 ms
+(26.3 to 33.1 tok/s) at 0.2 ms, with no gain from going lower (0.05 ms: 31.0 ms)."""
 
 
 class StepObserver(Protocol):
@@ -195,6 +204,9 @@ class Engine:
     # -- caller side -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Starts the engine thread; shortens the process's GIL switch interval (see
+        :data:`SWITCH_INTERVAL_S`) unless it is already shorter."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="qwen-engine", daemon=True)
         self._thread.start()
