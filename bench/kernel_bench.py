@@ -67,13 +67,14 @@ def _shapes() -> list[tuple[str, tuple[int, int]]]:
     return [item for _ in range(LAYERS) for item in layer] + [("lm_head", (VOCAB, HIDDEN))]
 
 
-def build_matrices(seed: int) -> list[Matrix]:
-    """Random bf16 weights (scaled like a trained model's) quantized and packed both ways."""
+def build_matrices(seed: int, onednn: bool) -> list[Matrix]:
+    """Random bf16 weights (scaled like a trained model's) quantized and packed both ways;
+    ``onednn`` False leaves oneDNN's packing out (the CPU cannot run it)."""
     generator = torch.Generator().manual_seed(seed)
     matrices = []
     for kind, (n, k) in _shapes():
         weight = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if can_pack_bf16() else None
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if onednn else None
         matrices.append(Matrix(kind, quantize_q8(weight), packed, pack_bf16(weight), k))
     return matrices
 
@@ -139,9 +140,10 @@ def run(batches: list[int], passes: int, threads: list[int], seed: int) -> dict[
     """
     info = machine_info()
     _LOGGER.info("building %d matrices", len(_shapes()))
-    matrices = build_matrices(seed)
+    onednn = can_pack_bf16()
+    matrices = build_matrices(seed, onednn)
     kernels: dict[str, Callable[[Matrix], Linear]] = {}
-    if can_pack_bf16():
+    if onednn:
         kernels["onednn_bf16"] = _onednn_bf16
     if native_available():
         kernels["q8_native"] = _q8_native

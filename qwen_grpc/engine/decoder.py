@@ -48,10 +48,10 @@ class AttentionShape:
     head_dim: int
 
     @property
-    def widths(self) -> tuple[int, int, int]:
-        """Columns of the fused q/k/v projection that belong to queries, keys and values."""
-        kv = self.kv_heads * self.head_dim
-        return self.heads * self.head_dim, kv, kv
+    def rotated_width(self) -> int:
+        """Leading columns of the fused q/k/v projection that hold queries and keys (the rest
+        are values): the part the rotary embedding turns."""
+        return (self.heads + self.kv_heads) * self.head_dim
 
 
 @dataclass
@@ -151,13 +151,11 @@ class Decoder:
         tokens = hidden.shape[0]
         head_dim = self.shape.head_dim
         qkv = layer.qkv(self._norm(hidden, layer.input_norm).to(self.compute_dtype))
-        query_width, key_width, _ = self.shape.widths
+        width = self.shape.rotated_width
         # Queries and keys sit side by side in the fused projection: one rotation for both.
-        rotated = _rotate(
-            qkv[:, : query_width + key_width].float().view(tokens, -1, head_dim), cos, sin
-        )
+        rotated = _rotate(qkv[:, :width].float().view(tokens, -1, head_dim), cos, sin)
         queries, keys = rotated.split((self.shape.heads, self.shape.kv_heads), dim=1)
-        values = qkv[:, query_width + key_width :].float().view(tokens, -1, head_dim)
+        values = qkv[:, width:].float().view(tokens, -1, head_dim)
         pool.write(plan.slots, keys, values)
         if plan.only_singles:
             attended = self._attend_singles(queries, pool, plan)
